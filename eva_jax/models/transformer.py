@@ -1,0 +1,359 @@
+"""Gemma (1) and Gemma 2 decoders in flax.linen, with logical axis names and a KV cache.
+
+The parameter tree is the official Gemma Flax one ("NESTED" in
+../shared/reference/gemma_checkpoint_formats.md), with two normalisations so that one code path
+serves every size: attention always has `q_einsum` [N, D, H] and `kv_einsum` [2, K, D, H] (the
+fused `qkv_einsum` of multi-head checkpoints is split on import) and the MLP gate is always
+[2, D, F] (the transposed [2, F, D] layout of 9B/27B is transposed on import).
+
+Calling conventions (all shapes static):
+
+* Full sequence: `apply(params, input_ids[B, T], positions=None, attention_mask=None)`.
+  Positions default to the count of non-pad tokens before each token (so left padding is
+  transparent, as in the official Gemma library) and keys that are padding are masked.
+  `attention_mask` may be [B, T] (which keys are real) or [B, T, T] (the full mask).
+* KV cache: pass `cache` (from `init_cache`) and `cache_index`, the slot where the first of
+  the T new tokens is written. Query t sits at slot `cache_index + t` and sees slots
+  `<= cache_index + t` that `attention_mask` [B, S] marks valid; local layers also require
+  `query_slot - key_slot < sliding_window`. Returns `(output, new_cache)`.
+
+Sliding windows are measured in slots (sequence indices), like HF; with padding only on the
+left, slot distances equal position distances, so this agrees with the official library too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from eva_jax.models.config import GemmaConfig, LOCAL
+
+Array = jax.Array
+Cache = dict[str, dict[str, Array]]
+
+# Activations' logical axes.
+ACT_EMBED = ("batch", "length", "embed")
+ACT_HEADS = ("batch", "length", "heads", "head_dim")
+ACT_KV = ("batch", "length", "kv_heads", "head_dim")
+ACT_MLP = ("batch", "length", "mlp")
+ACT_VOCAB = ("batch", "length", "vocab")
+CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def _dtype(name: Any) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(dtype))
+
+
+class RMSNorm(nn.Module):
+  """y = x / rms(x) * (1 + scale): `scale` is stored zero-centred, as in Gemma and HF."""
+
+  config: GemmaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", nn.initializers.zeros_init(), (x.shape[-1],), ("embed",),
+                   self.config.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.config.norm_eps)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nn.Module):
+  """The tied embedding: lookup scaled by sqrt(D) on the way in, transpose on the way out."""
+
+  config: GemmaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.input_embedding = _param(self, "input_embedding", nn.initializers.normal(1.0),
+                                  (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"),
+                                  cfg.param_dtype)
+
+  def encode(self, ids: Array) -> Array:
+    dtype = _dtype(self.config.dtype)
+    x = jnp.take(self.input_embedding, ids, axis=0).astype(dtype)
+    # sqrt(D) is rounded to the compute dtype first, as both Gemma and HF do.
+    return x * jnp.asarray(math.sqrt(self.config.embed_dim), dtype)
+
+  def decode(self, x: Array) -> Array:
+    """Hidden [..., D] -> float32 logits [..., V], soft-capped when the config says so."""
+    table = self.input_embedding.astype(x.dtype)
+    logits = jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+    cap = self.config.final_logit_softcap
+    if cap:
+      logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
+def apply_rope(x: Array, positions: Array, base: float) -> Array:
+  """Half-split rotary embedding: pair (k, k + H/2) rotated by pos * base^(-2k/H).
+
+  x: [B, T, heads, H]; positions: [B, T].
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (base ** (2 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1]))
+  angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, H/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  config: GemmaConfig
+  attn_type: str
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               cache: Optional[dict[str, Array]], cache_index: Optional[Array]):
+    cfg = self.config
+    n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+    dtype = _dtype(cfg.dtype)
+    init = nn.initializers.normal(d ** -0.5)
+    q_w = _param(self, "q_einsum", init, (n, d, h), ("heads", "embed", "head_dim"),
+                 cfg.param_dtype)
+    kv_w = _param(self, "kv_einsum", init, (2, k, d, h), (None, "kv_heads", "embed", "head_dim"),
+                  cfg.param_dtype)
+    o_w = _param(self, "attn_vec_einsum", nn.initializers.normal((n * h) ** -0.5), (n, h, d),
+                 ("heads", "head_dim", "embed"), cfg.param_dtype)
+
+    q = jnp.einsum("btd,ndh->btnh", x, q_w.astype(dtype))
+    key = jnp.einsum("btd,kdh->btkh", x, kv_w[0].astype(dtype))
+    value = jnp.einsum("btd,kdh->btkh", x, kv_w[1].astype(dtype))
+    q = nn.with_logical_constraint(apply_rope(q, positions, cfg.rope_base), ACT_HEADS)
+    key = nn.with_logical_constraint(apply_rope(key, positions, cfg.rope_base), ACT_KV)
+    value = nn.with_logical_constraint(value, ACT_KV)
+    q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, dtype)
+
+    new_cache = None
+    if cache is not None:
+      key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype),
+                                                cache_index, axis=1)
+      value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype),
+                                                  cache_index, axis=1)
+      key = nn.with_logical_constraint(key, CACHE_AXES)
+      value = nn.with_logical_constraint(value, CACHE_AXES)
+      new_cache = {"k": key, "v": value}
+
+    b, t = q.shape[:2]
+    groups = n // k
+    # Query head j uses kv head j // groups (contiguous groups, as HF's repeat_kv).
+    qg = q.reshape(b, t, k, groups, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    if cfg.attn_logit_softcap:
+      cap = cfg.attn_logit_softcap
+      logits = jnp.tanh(logits / cap) * cap
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    enc = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(dtype)).reshape(b, t, n, h)
+    enc = nn.with_logical_constraint(enc, ACT_HEADS)
+    out = jnp.einsum("btnh,nhd->btd", enc, o_w.astype(dtype))
+    return out, new_cache
+
+
+class FeedForward(nn.Module):
+  """GeGLU: down(gelu_tanh(x @ G[0]) * (x @ G[1]))."""
+
+  config: GemmaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype = _dtype(cfg.dtype)
+    gating = _param(self, "gating_einsum", nn.initializers.normal(cfg.embed_dim ** -0.5),
+                    (2, cfg.embed_dim, cfg.hidden_dim), (None, "embed", "mlp"), cfg.param_dtype)
+    linear = _param(self, "linear", nn.initializers.normal(cfg.hidden_dim ** -0.5),
+                    (cfg.hidden_dim, cfg.embed_dim), ("mlp", "embed"), cfg.param_dtype)
+    gating = gating.astype(dtype)
+    gate = jnp.einsum("btd,df->btf", x, gating[0])
+    up = jnp.einsum("btd,df->btf", x, gating[1])
+    hidden = nn.with_logical_constraint(jax.nn.gelu(gate, approximate=True) * up, ACT_MLP)
+    return jnp.einsum("btf,fd->btd", hidden, linear.astype(dtype))
+
+
+class Block(nn.Module):
+  config: GemmaConfig
+  attn_type: str
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache, cache_index):
+    cfg = self.config
+    h = RMSNorm(cfg, name="pre_attention_norm")(x)
+    h, new_cache = Attention(cfg, self.attn_type, name="attn")(h, positions, mask, cache,
+                                                               cache_index)
+    if cfg.use_post_attn_norm:
+      h = RMSNorm(cfg, name="post_attention_norm")(h)
+    x = nn.with_logical_constraint(x + h, ACT_EMBED)
+    h = RMSNorm(cfg, name="pre_ffw_norm")(x)
+    h = FeedForward(cfg, name="mlp")(h)
+    if cfg.use_post_ffw_norm:
+      h = RMSNorm(cfg, name="post_ffw_norm")(h)
+    x = nn.with_logical_constraint(x + h, ACT_EMBED)
+    return x, new_cache
+
+
+def default_positions(input_ids: Array, pad_id: int, key_mask: Optional[Array] = None) -> Array:
+  """Position of each token = number of real tokens before it (left padding is transparent)."""
+  real = (input_ids != pad_id) if key_mask is None else key_mask.astype(bool)
+  return jnp.maximum(jnp.cumsum(real.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_masks(query_slots: Array, key_valid: Array, sliding_window: Optional[int]):
+  """(global mask, local mask) [B, T, S] from query slots [T] and valid keys [B, S]."""
+  key_slots = jnp.arange(key_valid.shape[-1])
+  causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+  global_mask = causal[None] & key_valid[:, None, :].astype(bool)
+  local_mask = global_mask
+  if sliding_window:
+    in_window = (query_slots[:, None] - key_slots[None, :]) < sliding_window
+    local_mask = global_mask & in_window[None]
+  return global_mask, local_mask
+
+
+class Transformer(nn.Module):
+  """Gemma causal LM. See the module docstring for the calling conventions.
+
+  Attributes:
+    config: the model's hyper-parameters.
+    remat: rematerialisation policy per block: "none", "full", "dots" or "dots_all".
+  """
+
+  config: GemmaConfig
+  remat: str = "none"
+
+  def setup(self):
+    cfg = self.config
+    if self.remat not in _REMAT_POLICIES:
+      raise ValueError(f"Unknown remat policy {self.remat!r}; use one of "
+                       f"{sorted(_REMAT_POLICIES)}.")
+    block_cls = Block
+    if self.remat != "none":
+      block_cls = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=True)
+    self.embedder = Embedder(cfg)
+    self.layers = [block_cls(cfg, attn_type, name=f"layer_{i}")
+                   for i, attn_type in enumerate(cfg.attention_types)]
+    self.final_norm = RMSNorm(cfg)
+
+  def hidden_states(self, input_ids: Array, positions: Optional[Array] = None,
+                    attention_mask: Optional[Array] = None, cache: Optional[Cache] = None,
+                    cache_index: Optional[Array] = None):
+    """Final-normed hidden states [B, T, D] (and the new cache when `cache` is given)."""
+    cfg = self.config
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, t = input_ids.shape
+    if cache is None:
+      if attention_mask is not None and attention_mask.ndim == 3:
+        key_valid = None
+      else:
+        key_valid = (input_ids != cfg.pad_id) if attention_mask is None else attention_mask
+      if positions is None:
+        positions = default_positions(input_ids, cfg.pad_id, key_valid)
+      if key_valid is None:
+        global_mask = local_mask = attention_mask.astype(bool)
+        if cfg.sliding_window:
+          slots = jnp.arange(t)
+          local_mask = global_mask & ((slots[:, None] - slots[None, :]) < cfg.sliding_window)
+      else:
+        global_mask, local_mask = attention_masks(jnp.arange(t), key_valid, cfg.sliding_window)
+    else:
+      if cache_index is None:
+        raise ValueError("Transformer: a KV cache needs `cache_index`, the slot of the first "
+                         "new token.")
+      cache_len = cache["layer_0"]["k"].shape[1]
+      query_slots = cache_index + jnp.arange(t)
+      if positions is None:
+        positions = jnp.broadcast_to(query_slots[None], (b, t))
+      if attention_mask is None:
+        attention_mask = jnp.ones((b, cache_len), bool)
+      global_mask, local_mask = attention_masks(query_slots, attention_mask, cfg.sliding_window)
+
+    x = nn.with_logical_constraint(self.embedder.encode(input_ids), ACT_EMBED)
+    new_cache = {} if cache is not None else None
+    for i, layer in enumerate(self.layers):
+      mask = local_mask if cfg.attention_types[i] == LOCAL else global_mask
+      layer_cache = cache[f"layer_{i}"] if cache is not None else None
+      x, layer_new_cache = layer(x, positions, mask, layer_cache, cache_index)
+      if cache is not None:
+        new_cache[f"layer_{i}"] = layer_new_cache
+    x = self.final_norm(x)
+    return x, new_cache
+
+  def unembed(self, hidden: Array) -> Array:
+    """Final-normed hidden [..., D] -> float32 logits [..., V]."""
+    return self.embedder.decode(hidden)
+
+  def __call__(self, input_ids: Array, positions: Optional[Array] = None,
+               attention_mask: Optional[Array] = None, cache: Optional[Cache] = None,
+               cache_index: Optional[Array] = None, return_hidden: bool = False):
+    """Logits [B, T, V] (float32), or hidden states with `return_hidden`; with a cache, also
+    returns the new cache."""
+    x, new_cache = self.hidden_states(input_ids, positions, attention_mask, cache, cache_index)
+    out = x if return_hidden else nn.with_logical_constraint(self.unembed(x), ACT_VOCAB)
+    return (out, new_cache) if cache is not None else out
+
+
+class GemmaForSequenceClassification(Transformer):
+  """The backbone plus a bias-free score head read at the last non-pad token.
+
+  Matches HF `Gemma2ForSequenceClassification` (e.g. Skywork-Reward-Gemma-2-27B): returns
+  float32 scores [B] when `num_labels == 1`, else [B, num_labels].
+  """
+
+  def setup(self):
+    super().setup()
+    cfg = self.config
+    self.score_w = self.param(
+        "score", nn.with_logical_partitioning(nn.initializers.normal(cfg.embed_dim ** -0.5),
+                                              ("embed", None)),
+        (cfg.embed_dim, cfg.num_labels), _dtype(cfg.param_dtype))
+
+  def __call__(self, input_ids: Array, positions: Optional[Array] = None,
+               attention_mask: Optional[Array] = None, cache=None, cache_index=None,
+               return_hidden: bool = False):
+    if cache is not None:
+      raise ValueError("GemmaForSequenceClassification scores whole sequences; it has no "
+                       "KV-cache path.")
+    x, _ = self.hidden_states(input_ids, positions, attention_mask)
+    if return_hidden:
+      return x
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is not None and attention_mask.ndim == 2:
+      real = attention_mask.astype(bool)
+    else:
+      real = input_ids != self.config.pad_id
+    # Last real token: the largest index whose token is not padding (HF's rule).
+    last = jnp.argmax(jnp.arange(input_ids.shape[1])[None, :] * real, axis=-1)
+    pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    scores = jnp.einsum("bd,dl->bl", pooled, self.score_w.astype(pooled.dtype),
+                        preferred_element_type=jnp.float32)
+    return scores[:, 0] if self.config.num_labels == 1 else scores
+
+
+def init_cache(config: GemmaConfig, batch_size: int, cache_length: int,
+               dtype: Any = None) -> Cache:
+  """Zeroed KV cache: {layer_i: {k, v: [B, S, K, H]}} in the compute dtype by default."""
+  dtype = _dtype(dtype or config.dtype)
+  shape = (batch_size, cache_length, config.num_kv_heads, config.head_dim)
+  return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for i in range(config.num_layers)}
+
+
+def cache_logical_axes(config: GemmaConfig) -> dict:
+  """Logical axis names of every cache array, for sharding the cache like the model."""
+  return {f"layer_{i}": {"k": CACHE_AXES, "v": CACHE_AXES} for i in range(config.num_layers)}

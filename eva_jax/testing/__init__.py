@@ -1,0 +1,1 @@
+"""Helpers for tests: multi-process CPU runs and tiny models."""

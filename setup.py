@@ -1,0 +1,38 @@
+"""eva_jax: Evolving Alignment via Asymmetric Self-Play (arXiv 2411.00062) in JAX."""
+
+import setuptools
+
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12.8",
+    "gin-config>=0.5.0",
+    "sentencepiece>=0.2.0",
+    "safetensors>=0.4.5",
+    "numpy>=1.26",
+    "ml_dtypes>=0.5.0",
+]
+
+EXTRAS = {
+    # Parity tests against HF transformers run on the CPU build of torch (it lies on disk
+    # for Python 3.11; a plain `torch` requirement would pull a multi-GB CUDA build).
+    "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.46", "protobuf>=5"],
+    "seqio": ["seqio", "tensorflow-datasets"],
+    "gcs": ["gcsfs>=2024.6", "fsspec>=2024.6"],
+}
+
+setuptools.setup(
+    name="eva-jax",
+    version="0.1.0",
+    description="Evolving Alignment via Asymmetric Self-Play (eva) in JAX: Gemma, sharded "
+    "preference optimisation, KV-cache sampling, a prompt creator.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["eva_jax", "eva_jax.*"]),
+    package_data={"eva_jax": ["../gin/*.gin"]},
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)
