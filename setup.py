@@ -15,9 +15,10 @@ CORE = [
 ]
 
 EXTRAS = {
+    "test": ["pytest>=8"],
     # Parity tests against HF transformers run on the CPU build of torch (it lies on disk
     # for Python 3.11; a plain `torch` requirement would pull a multi-GB CUDA build).
-    "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.46", "protobuf>=5"],
+    "parity": ["torch==2.13.0", "transformers>=4.46"],
     "seqio": ["seqio", "tensorflow-datasets"],
     "gcs": ["gcsfs>=2024.6", "fsspec>=2024.6"],
 }
@@ -30,7 +31,6 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["eva_jax", "eva_jax.*"]),
-    package_data={"eva_jax": ["../gin/*.gin"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -22,7 +22,6 @@ LOCAL = "local"
 GEMMA_VOCAB = 256000
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
   """Hyper-parameters of a Gemma / Gemma 2 decoder.
@@ -180,8 +179,10 @@ NAMED_CONFIGS = {
 
 
 @gin.configurable
-def get_config(name: str = "tiny", **overrides) -> GemmaConfig:
-  """Returns the named config, with `overrides` replacing fields (e.g. dtype="float32")."""
+def get_config(name: str = "tiny", overrides: Optional[dict] = None, **kw) -> GemmaConfig:
+  """Returns the named config, with `overrides` (gin-bindable) and keyword arguments replacing
+  fields, e.g. `get_config("gemma2_2b", dtype="float32")`."""
+  overrides = {**(overrides or {}), **kw}
   if isinstance(name, GemmaConfig):
     return name.replace(**overrides) if overrides else name
   if name not in NAMED_CONFIGS:

@@ -1,0 +1,129 @@
+"""The Gemma model on its own: published sizes, KV-cache path, padding, remat, bad configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eva_jax.models import GemmaConfig, Transformer, get_config, init_cache
+from eva_jax.models.transformer import GemmaForSequenceClassification
+
+
+def _params(model, ids):
+  return model.init(jax.random.key(0), ids)["params"]
+
+
+@pytest.mark.parametrize("name,count", [
+    # Published counts (eval_shape of the official models, 256128-row embeddings); ours use
+    # the 256000 rows the tokenizer has.
+    ("gemma2_2b", 2_614_636_800), ("gemma_2b", 2_506_434_560), ("gemma_7b", 8_538_074_112)])
+def test_named_configs_have_published_sizes(name, count):
+  cfg = get_config(name)
+  assert cfg.num_params() + 128 * cfg.embed_dim == count
+
+
+def test_abstract_param_count_matches_formula():
+  cfg = get_config("tiny")
+  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+  leaves = jax.tree_util.tree_leaves(abstract["params"])
+  assert sum(int(np.prod(x.shape)) for x in leaves) == cfg.num_params()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_gemma1"])
+def test_prefill_then_decode_with_cache_equals_full_forward(name):
+  cfg = get_config(name)
+  model = Transformer(cfg)
+  rng = np.random.RandomState(0)
+  t, s = 40, 48  # past the tiny sliding window of 16
+  ids = jnp.asarray(rng.randint(3, cfg.vocab_size, (3, t)), jnp.int32)
+  ids = ids.at[0, :7].set(cfg.pad_id)  # left padding
+  params = _params(model, ids)
+  full = model.apply({"params": params}, ids)
+
+  positions = jnp.maximum(jnp.cumsum(ids != cfg.pad_id, -1) - 1, 0)
+  valid = jnp.zeros((3, s), bool).at[:, :t].set(ids != cfg.pad_id)
+  cache = init_cache(cfg, 3, s)
+  step = jax.jit(lambda p, x, pos, c, i: model.apply({"params": p}, x, positions=pos,
+                                                     attention_mask=valid, cache=c,
+                                                     cache_index=i))
+  logits, cache = step(params, ids[:, :25], positions[:, :25], cache, jnp.int32(0))
+  pieces = [logits]
+  for i in range(25, t):
+    logits, cache = step(params, ids[:, i:i + 1], positions[:, i:i + 1], cache, jnp.int32(i))
+    pieces.append(logits)
+  cached = jnp.concatenate(pieces, axis=1)
+  np.testing.assert_allclose(cached[0, 7:], full[0, 7:], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(cached[1:], full[1:], atol=2e-5, rtol=2e-5)
+
+
+def test_left_padding_is_transparent():
+  cfg = get_config("tiny")
+  model = Transformer(cfg)
+  ids = jnp.asarray(np.random.RandomState(1).randint(3, cfg.vocab_size, (1, 30)), jnp.int32)
+  padded = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), ids], axis=1)
+  params = _params(model, ids)
+  np.testing.assert_allclose(model.apply({"params": params}, padded)[:, 5:],
+                             model.apply({"params": params}, ids), atol=2e-5, rtol=2e-5)
+
+
+def test_sliding_window_changes_long_sequences_only():
+  cfg = get_config("tiny")
+  ids = jnp.asarray(np.random.RandomState(2).randint(3, cfg.vocab_size, (1, 40)), jnp.int32)
+  params = _params(Transformer(cfg), ids)
+  windowed = Transformer(cfg).apply({"params": params}, ids)
+  wide = Transformer(cfg.replace(sliding_window=4096)).apply({"params": params}, ids)
+  w = cfg.sliding_window
+  np.testing.assert_allclose(windowed[:, :w], wide[:, :w], atol=1e-6)
+  assert float(jnp.max(jnp.abs(windowed[:, w:] - wide[:, w:]))) > 1e-3
+
+
+def test_remat_keeps_values_and_gradients():
+  cfg = get_config("tiny")
+  ids = jnp.asarray(np.random.RandomState(3).randint(3, cfg.vocab_size, (2, 12)), jnp.int32)
+  params = _params(Transformer(cfg), ids)
+
+  def loss(p, remat):
+    return jnp.mean(Transformer(cfg, remat=remat).apply({"params": p}, ids) ** 2)
+
+  g_plain = jax.grad(loss)(params, "none")
+  g_remat = jax.grad(loss)(params, "full")
+  for a, b in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_remat)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_hidden_then_unembed_equals_logits_and_softcap_bounds_logits():
+  cfg = get_config("tiny").replace(final_logit_softcap=0.5)
+  model = Transformer(cfg)
+  ids = jnp.asarray(np.random.RandomState(4).randint(3, cfg.vocab_size, (2, 9)), jnp.int32)
+  params = _params(model, ids)
+  logits = model.apply({"params": params}, ids)
+  hidden = model.apply({"params": params}, ids, return_hidden=True)
+  np.testing.assert_allclose(model.apply({"params": params}, hidden, method="unembed"), logits,
+                             atol=1e-6)
+  assert float(jnp.max(jnp.abs(logits))) <= 0.5
+
+
+def test_classifier_reads_last_real_token():
+  cfg = get_config("tiny")
+  model = GemmaForSequenceClassification(cfg)
+  ids = jnp.asarray(np.random.RandomState(5).randint(3, cfg.vocab_size, (1, 10)), jnp.int32)
+  params = model.init(jax.random.key(0), ids)["params"]
+  right_padded = jnp.concatenate([ids, jnp.zeros((1, 4), jnp.int32)], axis=1)
+  scores = model.apply({"params": params}, jnp.concatenate([ids, ids]))
+  assert scores.shape == (2,) and scores.dtype == jnp.float32
+  np.testing.assert_allclose(model.apply({"params": params}, right_padded), scores[:1],
+                             atol=1e-5)
+
+
+def test_bad_configs_are_named():
+  with pytest.raises(ValueError, match="unknown attention type 'sliding'"):
+    GemmaConfig(attention_types=("sliding",))
+  with pytest.raises(ValueError, match="sliding_window"):
+    GemmaConfig(attention_types=("local",), sliding_window=None)
+  with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+    GemmaConfig(num_heads=4, num_kv_heads=3, sliding_window=8)
+  with pytest.raises(ValueError, match="Unknown model config 'gemma3'.*gemma2_2b"):
+    get_config("gemma3")
+  with pytest.raises(ValueError, match="Unknown remat policy"):
+    ids = jnp.ones((1, 4), jnp.int32)
+    Transformer(get_config("tiny"), remat="sometimes").init(jax.random.key(0), ids)
