@@ -3,3 +3,5 @@
 from eva_jax.models.config import GemmaConfig, get_config, config_names
 from eva_jax.models.transformer import (Transformer, GemmaForSequenceClassification, init_cache,
                                         cache_logical_axes)
+from eva_jax.models.tokenizer import (ByteTokenizer, SentencePieceTokenizer, Tokenizer,
+                                      encode_batch, encode_chat, format_chat, get_tokenizer)
