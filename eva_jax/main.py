@@ -39,6 +39,7 @@ def load_gin(files, bindings):
     if not os.path.exists(f) and not f.startswith("gs://"):
       raise FileNotFoundError(f"--gin_file {f!r} does not exist; pass a path to a .gin file "
                               f"(the shipped ones are in {GIN_DIR}).")
+  gin.clear_config()
   gin.add_config_file_search_path(GIN_DIR)
   gin.parse_config_files_and_bindings(files, bindings)
 
