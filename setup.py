@@ -15,7 +15,8 @@ CORE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8"],
+    # The gs:// tests run against a GCS emulator on 127.0.0.1.
+    "test": ["pytest>=8", "gcp-storage-emulator>=2024.8", "gcsfs>=2024.6"],
     # Parity tests against HF transformers run on the CPU build of torch (it lies on disk
     # for Python 3.11; a plain `torch` requirement would pull a multi-GB CUDA build).
     "parity": ["torch==2.13.0", "transformers>=4.46"],
