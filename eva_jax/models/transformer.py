@@ -154,14 +154,29 @@ class Attention(nn.Module):
     groups = n // k
     # Query head j uses kv head j // groups (contiguous groups, as HF's repeat_kv).
     qg = q.reshape(b, t, k, groups, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(dtype),
-                        preferred_element_type=jnp.float32)
+    decoding = cache is not None and t == 1
+    if decoding:
+      # One new token against the whole cache: a dot contracting the [B, S, K, H] cache with
+      # batch dims (B, K) makes XLA transpose the whole cache to [B, K, S, H] on every step
+      # (an extra read and write of it per layer); a fused multiply-reduce reads it once, in
+      # place. Same math, float32 accumulation.
+      logits = jnp.sum(qg[:, 0, None].astype(jnp.float32) *
+                       key[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
+      logits = jnp.transpose(logits, (0, 2, 3, 1))[:, :, :, None, :]  # [B, K, G, 1, S]
+    else:
+      logits = jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(dtype),
+                          preferred_element_type=jnp.float32)
     if cfg.attn_logit_softcap:
       cap = cfg.attn_logit_softcap
       logits = jnp.tanh(logits / cap) * cap
     logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    enc = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(dtype)).reshape(b, t, n, h)
+    if decoding:
+      weights = jnp.transpose(probs[:, :, :, 0, :], (0, 3, 1, 2)).astype(jnp.float32)
+      enc = jnp.sum(weights[..., None] * value[:, :, :, None, :].astype(jnp.float32),
+                    axis=1).astype(dtype).reshape(b, t, n, h)  # sum over S of [B, S, K, G, H]
+    else:
+      enc = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(dtype)).reshape(b, t, n, h)
     enc = nn.with_logical_constraint(enc, ACT_HEADS)
     out = jnp.einsum("btnh,nhd->btd", enc, o_w.astype(dtype))
     return out, new_cache
