@@ -1,0 +1,200 @@
+"""Throughput, FLOP/s, MFU and memory of the solver's DPO train step; prints one JSON object.
+
+    python benchmarks/train_step.py --config tiny                       # CPU
+    python benchmarks/train_step.py --config gemma2_2b --pairs 4 --prompt_len 512 \
+        --response_len 512                                              # one GPU
+
+Random weights and tokens (timing does not depend on them), every row full length like the
+peer scripts in ../shared/bench (prompt_len prompt tokens + response_len response tokens,
+reference log-probs precomputed, so a step is the policy's forward + backward on chosen and
+rejected plus the AdamW update).
+
+Reported:
+  tokens_per_s      2 * pairs * (prompt_len + response_len) / step time (all tokens, as peers)
+  model_tflops_per_s  (6 * params * tokens + attention) / step time; params include the
+                    (tied) embedding once; attention = 12 * layers * heads * head_dim *
+                    (causal query-key pairs within each layer's window) per sequence; remat
+                    recomputation is not counted (model FLOPs, not hardware FLOPs)
+  mfu               model FLOP/s / peak; peak from --peak_tflops, else a matmul in the
+                    compute dtype measured in this run (`peak_source` says which)
+  peak_memory_gib   the device allocator's peak (GPU/TPU); None on CPU, where
+                    `compiled_memory_gib` (XLA's buffer assignment: arguments + outputs +
+                    temporaries - aliased) and `host_max_rss_gib` stand in
+`--aot_only` compiles from shapes alone (nothing allocated) and reports the compiled memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from eva_jax import parallel  # noqa: E402
+from eva_jax.models import get_config  # noqa: E402
+from eva_jax.solver import (TrainStep, create_train_state, get_loss_fn, make_optimizer,  # noqa: E402
+                            make_policy_model)
+
+GIB = 2 ** 30
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", default="tiny", help="named model config (eva_jax.models)")
+  p.add_argument("--pairs", type=int, default=4, help="preference pairs per step")
+  p.add_argument("--prompt_len", type=int, default=64)
+  p.add_argument("--response_len", type=int, default=64)
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--loss", default="dpo")
+  p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_all"])
+  p.add_argument("--compute_dtype", default="bfloat16")
+  p.add_argument("--param_dtype", default="float32")
+  p.add_argument("--state_dtype", default="float32", help="Adam moments' dtype")
+  p.add_argument("--microbatches", type=int, default=1)
+  p.add_argument("--chunk_size", type=int, default=256, help="positions per logits chunk")
+  p.add_argument("--mesh", default='{"data": -1}', help='JSON, e.g. \'{"fsdp": -1}\'')
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="peak FLOP/s of one device in TFLOP/s for MFU (default: measured)")
+  p.add_argument("--aot_only", action="store_true", help="compile from shapes, do not run")
+  p.add_argument("--out", default=None, help="also write the JSON here (default: "
+                 "$OUT/train_step_<config>.json when $OUT is set)")
+  return p.parse_args(argv)
+
+
+def attention_flops_per_sequence(cfg, length: int) -> float:
+  """Training FLOPs of QK^T and PV for one causal sequence (forward + backward = 3x)."""
+  total = 0
+  for kind in cfg.attention_types:
+    window = cfg.sliding_window if (kind == "local" and cfg.sliding_window) else length
+    q = np.arange(length)
+    total += int(np.minimum(q + 1, window).sum())  # keys each query attends to
+  return 12.0 * cfg.num_heads * cfg.head_dim * total
+
+
+def measure_peak_tflops(dtype) -> float:
+  """A square matmul in `dtype` on device 0 (8192 on accelerators, 1024 on CPU)."""
+  n = 1024 if jax.default_backend() == "cpu" else 8192
+  dev = jax.devices()[0]
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.device_put(jax.random.normal(k1, (n, n), dtype), dev)
+  b = jax.device_put(jax.random.normal(k2, (n, n), dtype), dev)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  reps = 5 if jax.default_backend() == "cpu" else 50
+  t = time.perf_counter()
+  for _ in range(reps):
+    r = f(a, b)
+  r.block_until_ready()
+  return 2 * n ** 3 / ((time.perf_counter() - t) / reps) / 1e12
+
+
+def random_batch(cfg, pairs: int, prompt_len: int, response_len: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  t = prompt_len + response_len
+  mask = np.zeros((pairs, t), np.int32)
+  mask[:, prompt_len:] = 1
+  tokens = lambda: rng.integers(3, cfg.vocab_size, (pairs, t), dtype=np.int32)
+  return {"chosen_tokens": tokens(), "chosen_loss_mask": mask, "rejected_tokens": tokens(),
+          "rejected_loss_mask": mask.copy(),
+          "ref_chosen_logps": rng.normal(-response_len * 2.0, 1.0, pairs).astype(np.float32),
+          "ref_rejected_logps": rng.normal(-response_len * 2.0, 1.0, pairs).astype(np.float32)}
+
+
+def compiled_memory_gib(compiled):
+  try:
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return total / GIB, m.temp_size_in_bytes / GIB
+  except Exception:  # not every backend reports it
+    return None, None
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  cfg = get_config(args.config)
+  mesh = parallel.create_mesh(json.loads(args.mesh))
+  model = make_policy_model(cfg, remat=args.remat, compute_dtype=args.compute_dtype,
+                            param_dtype=args.param_dtype)
+  opt = make_optimizer(5e-7, state_dtype=args.state_dtype)
+  loss_fn = get_loss_fn(args.loss)
+  step = TrainStep(model, opt, loss_fn, mesh, num_microbatches=args.microbatches,
+                   chunk_size=args.chunk_size)
+  host_batch = random_batch(cfg, args.pairs, args.prompt_len, args.response_len)
+  length = args.prompt_len + args.response_len
+  tokens = 2 * args.pairs * length
+  n_params = cfg.num_params()
+  flops = 6.0 * n_params * tokens + 2 * args.pairs * attention_flops_per_sequence(cfg, length)
+  result = dict(bench="eva_jax_train_step", config=args.config, loss=args.loss,
+                pairs=args.pairs, length=length, tokens_per_step=tokens, params=n_params,
+                remat=args.remat, compute_dtype=args.compute_dtype,
+                param_dtype=args.param_dtype, state_dtype=args.state_dtype,
+                microbatches=args.microbatches, chunk_size=args.chunk_size,
+                mesh=dict(mesh.shape), backend=jax.default_backend(),
+                device=str(jax.devices()[0].device_kind), device_count=jax.device_count(),
+                jax=jax.__version__)
+
+  t0 = time.perf_counter()
+  if args.aot_only:
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=step.batch_shardings[k])
+             for k, v in host_batch.items() if k in step.keys}
+    state = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), step.abstract_state,
+        step.state_shardings)
+  else:
+    state = create_train_state(model, opt, jax.random.key(0), mesh)
+    batch = step.shard_batch(host_batch)
+  compiled = step.lower(state, batch).compile()
+  result["compile_s"] = time.perf_counter() - t0
+  result["compiled_memory_gib"], result["compiled_temp_gib"] = compiled_memory_gib(compiled)
+  if args.aot_only:
+    print(json.dumps(result), flush=True)
+    return result
+
+  batch = {k: batch[k] for k in step.keys}
+  for _ in range(args.warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  t = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - t) / args.steps
+
+  if args.peak_tflops:
+    peak, source = args.peak_tflops, "given"
+  else:
+    peak, source = measure_peak_tflops(jnp.dtype(args.compute_dtype)), (
+        f"measured {args.compute_dtype} matmul")
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:
+    stats = {}
+  peak_mem = stats.get("peak_bytes_in_use")
+  model_tflops = flops / step_s / 1e12
+  result.update(step_s=step_s, tokens_per_s=tokens / step_s, model_tflops_per_s=model_tflops,
+                peak_tflops=peak, peak_source=source,
+                mfu=model_tflops / (peak * jax.device_count()),
+                peak_memory_gib=None if peak_mem is None else peak_mem / GIB,
+                host_max_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+                final_loss=float(metrics["loss"]), steps=args.steps, warmup=args.warmup)
+  print(json.dumps(result), flush=True)
+  out = args.out or (os.path.join(os.environ["OUT"], f"train_step_{args.config}.json")
+                     if os.environ.get("OUT") else None)
+  if out:
+    with open(out, "w") as f:
+      json.dump(result, f)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,127 @@
+"""Sequence log-probs of response tokens, without materialising a batch of full logits.
+
+Gemma's vocabulary has 256k rows: float32 logits for 8 sequences of 1024 tokens would take
+8 GiB, and their gradient as much again. So the model runs up to its final-normed hidden
+states [B, T, D], and the unembedding + log-softmax runs over chunks of `chunk_size`
+positions inside a `lax.scan` whose body is `jax.checkpoint`ed: only one chunk's logits
+[B, chunk, V] exist at a time, in the forward pass and again (recomputed) in the backward pass.
+
+Chosen and rejected rows go through one forward: they are interleaved ([B, 2, T] ->
+[2B, T], pair i on rows 2i and 2i + 1), so that each device's pairs stay on that device when
+the batch is sharded, instead of the cross-device shuffle that concatenating two sharded
+halves would need.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from eva_jax.solver.losses import PreferenceLogps
+
+Array = jax.Array
+
+_LOGITS_AXES = ("batch", "length", "vocab")
+_CHUNKED_HIDDEN_AXES = (None, "batch", "length", "embed")
+
+
+def _chunk_token_logps(model: nn.Module, params: Any, hidden: Array, targets: Array) -> Array:
+  """log p(targets) [B, C] from final-normed hidden [B, C, D] (one chunk)."""
+  logits = model.apply({"params": params}, hidden, method="unembed")  # f32 [B, C, V]
+  logits = nn.with_logical_constraint(logits, _LOGITS_AXES)
+  # The target logit by compare-and-select rather than a gather: it fuses into one reduction
+  # and partitions cleanly when the vocabulary is sharded over `tensor`.
+  vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+  return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sequence_logps(model: nn.Module, params: Any, tokens: Array, loss_mask: Array, *,
+                   chunk_size: int = 256) -> tuple[Array, Array]:
+  """Summed log-probs of the masked tokens of each row, and how many tokens were scored.
+
+  Args:
+    model: a `Transformer` (its `hidden_states` and `unembed`).
+    params: its params.
+    tokens: int32 [B, T], right-padded with `model.config.pad_id`.
+    loss_mask: [B, T], 1 where token t is scored by the logits at t - 1 (position 0 ignored).
+    chunk_size: positions per unembedding chunk; memory of one chunk's logits is
+      B * chunk_size * V * 4 bytes. T need not be a multiple (the tail is padded).
+
+  Returns:
+    (sum float32 [B], count float32 [B]).
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  b, t = tokens.shape
+  hidden = model.apply({"params": params}, tokens, return_hidden=True)  # [B, T, D]
+  # Position t predicts token t + 1: shift targets and weights left by one.
+  pad = jnp.full((b, 1), model.config.pad_id, jnp.int32)
+  targets = jnp.concatenate([tokens[:, 1:], pad], axis=1)
+  weights = jnp.concatenate([jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32),
+                             jnp.zeros((b, 1), jnp.float32)], axis=1)
+
+  chunk = max(1, min(chunk_size, t))
+  n = math.ceil(t / chunk)
+  if n * chunk != t:
+    extra = n * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, extra), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, extra)), constant_values=model.config.pad_id)
+    weights = jnp.pad(weights, ((0, 0), (0, extra)))
+  d = hidden.shape[-1]
+  # [n, B, chunk, ...]: scan over chunks; the batch keeps its sharding.
+  hidden = nn.with_logical_constraint(
+      hidden.reshape(b, n, chunk, d).swapaxes(0, 1), _CHUNKED_HIDDEN_AXES)
+  targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
+  weights = weights.reshape(b, n, chunk).swapaxes(0, 1)
+
+  # Recompute each chunk's logits in the backward pass instead of keeping them (CSE
+  # prevention is unnecessary inside a scan body).
+  chunk_fn = jax.checkpoint(lambda p, h, y: _chunk_token_logps(model, p, h, y),
+                            prevent_cse=False)
+
+  def body(total, xs):
+    h, y, w = xs
+    return total + jnp.sum(chunk_fn(params, h, y) * w, axis=-1), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (hidden, targets, weights))
+  count = jnp.sum(weights, axis=(0, 2))
+  return total, count
+
+
+def pair_logps(model: nn.Module, params: Any, batch: Mapping[str, Array], *,
+               chunk_size: int = 256, with_reference: bool = True) -> PreferenceLogps:
+  """Policy log-probs of a pair batch (format: `eva_jax.solver.batch`) in one forward.
+
+  Args:
+    batch: `chosen_tokens`, `chosen_loss_mask`, `rejected_tokens`, `rejected_loss_mask`
+      [B, T] and, when `with_reference`, `ref_chosen_logps`, `ref_rejected_logps` [B].
+
+  Returns:
+    PreferenceLogps with [B] fields (reference fields None unless `with_reference`).
+  """
+  b, t = batch["chosen_tokens"].shape
+  tokens = jnp.stack([batch["chosen_tokens"], batch["rejected_tokens"]], axis=1)
+  mask = jnp.stack([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=1)
+  total, count = sequence_logps(model, params, tokens.reshape(2 * b, t),
+                                mask.reshape(2 * b, t), chunk_size=chunk_size)
+  total, count = total.reshape(b, 2), count.reshape(b, 2)
+  ref_c = ref_r = None
+  if with_reference:
+    ref_c = jnp.asarray(batch["ref_chosen_logps"], jnp.float32)
+    ref_r = jnp.asarray(batch["ref_rejected_logps"], jnp.float32)
+  return PreferenceLogps(total[:, 0], total[:, 1], count[:, 0], count[:, 1], ref_c, ref_r)
+
+
+def naive_sequence_logps(model: nn.Module, params: Any, tokens: Array,
+                         loss_mask: Array) -> tuple[Array, Array]:
+  """The same as `sequence_logps` through full [B, T, V] logits: a reference for tests."""
+  logits = model.apply({"params": params}, tokens)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  tok = jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]
+  w = jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32)
+  return jnp.sum(tok * w, axis=-1), jnp.sum(w, axis=-1)
+

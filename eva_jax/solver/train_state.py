@@ -1,0 +1,107 @@
+"""The solver's train state (one pytree), its shardings, and the policy model's policies.
+
+`TrainState(step, params, opt_state)` holds only arrays, so Orbax saves it as is and `jit`
+donates it whole. Params are sharded by their logical axes (`eva_jax.parallel`); every
+optimizer leaf that mirrors a param (Adam's moments) takes that param's sharding, the rest
+(step counters) is replicated.
+
+Dtype policy (gin: `make_policy_model`): params are *stored* in `param_dtype` (float32 by
+default: updates of lr 5e-7 vanish in bfloat16 weights) and cast to `compute_dtype`
+(bfloat16) for matmuls inside the model; log-softmax and losses run in float32; Adam's moments
+are in `Optimizer.state_dtype` (float32).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import optax
+
+from eva_jax import parallel
+from eva_jax.models.config import GemmaConfig
+from eva_jax.models.transformer import Transformer
+from eva_jax.solver.optimizer import Optimizer
+
+# Example input for shape-only model inits (the params do not depend on it).
+_EXAMPLE_IDS = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: int32 []; params: the model's param tree; opt_state: the optax state."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@gin.configurable
+def make_policy_model(config: GemmaConfig, remat: str = "full", compute_dtype: str = "bfloat16",
+                      param_dtype: str = "float32") -> Transformer:
+  """The policy `Transformer` under the solver's remat and dtype policies.
+
+  Args:
+    config: the model config (its own dtype fields are replaced by the two below).
+    remat: per-block rematerialisation: "none", "full" (save only block inputs), "dots"
+      (save matmul outputs without batch dims) or "dots_all".
+    compute_dtype: matmul / activation dtype.
+    param_dtype: storage dtype of params in the train state.
+  """
+  return Transformer(config.replace(dtype=compute_dtype, param_dtype=param_dtype), remat=remat)
+
+
+def _cast(tree: Any, dtype) -> Any:
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def init_opt_state(optimizer: Optimizer, params: Any) -> Any:
+  """Optimizer state for `params`, its moments in `optimizer.state_dtype`."""
+  return optimizer.tx.init(_cast(params, optimizer.state_dtype))
+
+
+def train_state_shardings(model: nn.Module, optimizer: Optimizer, mesh: Mesh,
+                          rules=None) -> tuple[TrainState, TrainState]:
+  """(NamedShardings, abstract ShapeDtypeStructs) of the train state, nothing allocated."""
+  rules = parallel.logical_axis_rules() if rules is None else rules
+  axes, abstract_params = parallel.params_logical_axes(model, _EXAMPLE_IDS)
+  param_sh = parallel.logical_shardings(axes, mesh, rules, abstract_params)
+  abstract_opt = jax.eval_shape(lambda p: init_opt_state(optimizer, p), abstract_params)
+  replicated = NamedSharding(mesh, P())
+  opt_sh = optax.tree_map_params(optimizer.tx, lambda _, sh: sh, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=abstract_opt)
+  return shardings, abstract
+
+
+def create_train_state(model: nn.Module, optimizer: Optimizer, rng: jax.Array, mesh: Mesh,
+                       rules=None, params: Optional[Any] = None) -> TrainState:
+  """A fresh train state, built directly in its shardings.
+
+  Args:
+    rng: initialises params when `params` is None (the same key gives the same params on
+      any mesh: JAX's partitionable threefry).
+    params: existing params (e.g. from `from_pretrained`); cast to the model's param dtype and
+      resharded as the train state wants.
+  """
+  rules = parallel.logical_axis_rules() if rules is None else rules
+  shardings, abstract = train_state_shardings(model, optimizer, mesh, rules)
+
+  def init(key, given):
+    if given is None:
+      p = nn.unbox(model.init(key, jnp.ones(_EXAMPLE_IDS.shape, jnp.int32))["params"])
+    else:
+      p = jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), given, abstract.params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                      opt_state=init_opt_state(optimizer, p))
+
+  with parallel.with_mesh_rules(mesh, rules):
+    return jax.jit(init, out_shardings=shardings)(rng, params)
