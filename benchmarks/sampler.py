@@ -1,0 +1,225 @@
+"""Sampler throughput: new tokens/s, the HBM roofline, and compile time apart from run time.
+
+    python benchmarks/sampler.py --config gemma2_2b --batch 256 --prompt_len 256 \
+        --max_new_tokens 256
+
+Random bf16 weights (timing does not depend on them), random prompts of exactly `prompt_len`
+ids, no stop tokens (every row generates `max_new_tokens`, as the Tunix peer counts them),
+temperature 0.7 and top-p 0.9 by default (the peer's settings).
+
+Roofline. A decode step must read every weight once (the tied embedding once, for the
+unembedding) and the keys and values of every valid cache slot:
+
+    step_bytes = weight_bytes + kv_bytes_per_slot * mean valid slots per row * rows
+
+and cannot beat step_bytes / bandwidth, where the bandwidth is measured here (an
+elementwise float32 op, read + write, like the peers' device_env.py). `roofline_new_tokens_per_s`
+= rows / that time; `roofline_fraction` = measured / roofline. The measured figure includes
+the prefill (which the roofline leaves out), so the fraction is a lower bound for the decode
+loop. `kv_bytes_per_step_attended` is what this implementation reads: it attends over the
+whole static cache (prompt bucket + max_new_tokens slots) every step.
+
+Prints one JSON object; also writes it to $OUT/sampler_<config>.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from eva_jax import parallel  # noqa: E402
+from eva_jax.models import Transformer, get_config  # noqa: E402
+from eva_jax.models.config import LOCAL  # noqa: E402
+from eva_jax.sampler import Sampler  # noqa: E402
+
+# Seen on one H200 (2026-11-26), batch 256, prompt 256, 256 new tokens (shared/bench/README).
+TUNIX_ANCHOR = {"new_tokens_per_s": 13_900, "first_call_s": 36.0, "device": "H200"}
+
+
+def measure_bandwidth(num_bytes: int) -> float:
+  """Bytes/s of a jitted elementwise op (read + write), best of 10.
+
+  float32, not bf16: on a CPU bf16 arithmetic is emulated and the probe would time that.
+  """
+  x = jnp.ones((num_bytes // 4,), jnp.float32)
+  f = jax.jit(lambda v: v * 2)
+  f(x).block_until_ready()
+  best = math.inf
+  for _ in range(10):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * x.nbytes / best
+
+
+_HLO_OP = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]\S*\s+([\w\-]+)\(")
+_WHILE_BODY = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+)")
+
+
+def count_loop_relayouts(hlo_text: str, shape: tuple) -> int:
+  """Ops in while-loop bodies shaped like `shape` (its dims in any order) that are copies or
+  transposes, or fusions XLA named after them: each one reads and writes a whole cache array
+  every step."""
+  bodies = set(_WHILE_BODY.findall(hlo_text))
+  want = sorted(shape)
+  count, inside = 0, False
+  for line in hlo_text.splitlines():
+    if not line.startswith(" ") and line.rstrip().endswith("{"):
+      inside = line.lstrip("%").split(" ", 1)[0] in bodies
+      continue
+    m = _HLO_OP.match(line) if inside else None
+    if not m or not m.group(2) or sorted(int(d) for d in m.group(2).split(",")) != want:
+      continue
+    name, opcode = m.group(1), m.group(3)
+    if opcode in ("copy", "transpose") or (opcode == "fusion" and
+                                            ("copy" in name or "transpose" in name)):
+      count += 1
+  return count
+
+
+def cache_relayouts(sampler, rows: int, length: int, cfg) -> int:
+  """Cache relayouts inside the decode loop of the compiled programs (0 is the goal)."""
+  shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
+  return sum(count_loop_relayouts(p.as_text(), shape) for p in sampler._programs.values())
+
+
+def roofline(cfg, weight_bytes: int, rows: int, prompt_len: int, max_new: int,
+             cache_bytes: int, bandwidth: float) -> dict:
+  per_slot_layer = 2 * cfg.num_kv_heads * cfg.head_dim * cache_bytes  # k and v
+  steps = max(1, max_new - 1)  # the first token comes from the prefill
+  valid = []
+  for t in range(1, max_new):  # decode step t attends to prompt_len + t slots
+    slots = prompt_len + t
+    valid.append(sum(min(slots, cfg.sliding_window) if kind == LOCAL else slots
+                     for kind in cfg.attention_types))
+  mean_slot_layers = sum(valid) / len(valid) if valid else 0.0
+  kv_ideal = per_slot_layer * mean_slot_layers * rows
+  kv_attended = per_slot_layer * cfg.num_layers * (prompt_len + max_new) * rows
+  step_s = (weight_bytes + kv_ideal) / bandwidth
+  return dict(weight_bytes=weight_bytes, kv_bytes_per_step_mean=kv_ideal,
+              kv_bytes_per_step_attended=kv_attended, decode_steps=steps,
+              roofline_step_s=step_s, roofline_new_tokens_per_s=rows / step_s)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="tiny")
+  ap.add_argument("--batch", type=int, default=8, help="prompts per call")
+  ap.add_argument("--prompt_len", type=int, default=32)
+  ap.add_argument("--max_new_tokens", type=int, default=32)
+  ap.add_argument("--num_samples", type=int, default=1)
+  ap.add_argument("--temperature", type=float, default=0.7)
+  ap.add_argument("--top_p", type=float, default=0.9)
+  ap.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
+  ap.add_argument("--top_p_method", default="radix", choices=("radix", "sort"))
+  ap.add_argument("--dtype", default="bfloat16", help="params, activations and KV cache")
+  ap.add_argument("--iters", type=int, default=3, help="timed calls after the first")
+  ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel size of the mesh")
+  ap.add_argument("--measure_prefill", action="store_true",
+                  help="also time a max_new_tokens=1 call (compiles a second program) to "
+                       "split prefill from decode")
+  ap.add_argument("--bandwidth_gbps", type=float, default=0.0,
+                  help="HBM bandwidth in GB/s (0: measure it)")
+  ap.add_argument("--bandwidth_probe_mib", type=int, default=0,
+                  help="bytes of the bandwidth probe (0: 2048 on accelerators, 256 on CPU)")
+  args = ap.parse_args(argv)
+
+  cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.dtype)
+  model = Transformer(cfg)
+  mesh = parallel.create_mesh({"data": -1, "tensor": args.tensor})
+  t0 = time.perf_counter()
+  params = parallel.init_params(model, jax.random.key(0), mesh, None,
+                                jnp.ones((1, 8), jnp.int32))
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - t0
+  weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+
+  rows = args.batch * args.num_samples
+  sampler = Sampler(model, mesh, max_prompt_length=args.prompt_len,
+                    prompt_length_buckets=[args.prompt_len], max_batch_rows=rows,
+                    top_p_method=args.top_p_method)
+  rng = np.random.default_rng(0)
+  prompts = [list(map(int, rng.integers(3, cfg.vocab_size - 1, args.prompt_len)))
+             for _ in range(args.batch)]
+  kw = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None,
+            stop_tokens=[])
+
+  start = time.perf_counter()
+  out = sampler.sample(params, prompts, seed=0, **kw)
+  first_call_s = time.perf_counter() - start
+  compile_s = sum(sampler.compile_seconds)
+  runs = []
+  for i in range(args.iters):
+    start = time.perf_counter()
+    out = sampler.sample(params, prompts, seed=i + 1, **kw)
+    runs.append(time.perf_counter() - start)
+  run_s = statistics.median(runs) if runs else first_call_s - compile_s
+  generated = sum(s.length for per in out for s in per)
+  decode_steps_run = sampler.last_stats[-1]["decode_steps"]
+
+  prefill = {}
+  if args.measure_prefill:
+    one = dict(kw, max_new_tokens=1)
+    sampler.sample(params, prompts, seed=0, **one)  # compile
+    times = []
+    for i in range(max(1, args.iters)):
+      start = time.perf_counter()
+      sampler.sample(params, prompts, seed=i + 1, **one)
+      times.append(time.perf_counter() - start)
+    prefill_s = statistics.median(times)
+    prefill = dict(prefill_s=prefill_s,
+                   decode_new_tokens_per_s=rows * decode_steps_run / max(run_s - prefill_s,
+                                                                         1e-9))
+
+  on_cpu = jax.devices()[0].platform == "cpu"
+  if args.bandwidth_gbps:
+    bandwidth = args.bandwidth_gbps * 1e9
+  else:
+    probe = args.bandwidth_probe_mib or (256 if on_cpu else 2048)
+    bandwidth = measure_bandwidth(probe << 20)
+  roof = roofline(cfg, weight_bytes, rows, args.prompt_len, args.max_new_tokens,
+                  jnp.dtype(sampler.cache_dtype).itemsize, bandwidth)
+  tokens_per_s = generated / run_s
+  stats = jax.devices()[0].memory_stats() or {}
+  result = dict(
+      benchmark="sampler", config=args.config, device=jax.devices()[0].device_kind,
+      num_devices=len(jax.devices()), jax=jax.__version__, dtype=args.dtype,
+      batch=args.batch, num_samples=args.num_samples, prompt_len=args.prompt_len,
+      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+      top_k=args.top_k or None, top_p_method=args.top_p_method,
+      params=cfg.num_params(), init_s=init_s,
+      compile_s=compile_s, first_call_s=first_call_s, first_call_run_s=first_call_s - compile_s,
+      run_s=run_s, run_s_all=runs, generated_tokens=generated,
+      decode_steps_run=decode_steps_run, **prefill,
+      new_tokens_per_s=tokens_per_s, measured_bandwidth_gbps=bandwidth / 1e9,
+      **roof, roofline_fraction=tokens_per_s / roof["roofline_new_tokens_per_s"],
+      peak_bytes_in_use=stats.get("peak_bytes_in_use"),
+      num_compilations=sampler.num_compilations,
+      cache_relayouts=cache_relayouts(sampler, rows, args.prompt_len + args.max_new_tokens, cfg),
+      tunix_anchor=TUNIX_ANCHOR,
+      vs_tunix_anchor=(tokens_per_s / TUNIX_ANCHOR["new_tokens_per_s"]
+                       if (args.config, args.batch, args.prompt_len, args.max_new_tokens,
+                           args.num_samples) == ("gemma2_2b", 256, 256, 256, 1) else None))
+  text = json.dumps(result)
+  print(text, flush=True)
+  if os.environ.get("OUT"):
+    with open(os.path.join(os.environ["OUT"], f"sampler_{args.config}.json"), "w") as f:
+      f.write(text + "\n")
+  return result
+
+
+if __name__ == "__main__":
+  main()

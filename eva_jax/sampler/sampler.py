@@ -1,0 +1,475 @@
+"""Sharded, batched generation with a KV cache: one jitted program per bucket.
+
+    sampler = Sampler(model, mesh)
+    samples = sampler.sample(params, prompts, num_samples=6, max_new_tokens=512,
+                             temperature=0.7, top_p=0.9, seed=round_index)
+    samples[i][j].tokens, samples[i][j].logprobs, samples[i][j].finish_reason
+
+The program (`_generate`): prefill the B prompts once with the KV cache and unembed only each
+row's last position (no [B, P, V] logits); repeat the prompt cache rows n times into the
+donated [B * n, S] decode cache (S = P + max_new_tokens); sample the first token from the
+prefill logits; then a `lax.while_loop` feeds one token per step until every row has emitted
+one of its stop tokens or `max_new_tokens` tokens are out. Params are arguments, the cache is
+donated and returned (so XLA updates it in place), and nothing reaches the host until the loop
+is over.
+
+Layout. Prompts are left-padded to a bucketed length P, so every row's next token lands in the
+same cache slot (the model's scalar `cache_index`), positions count real tokens (padding is
+transparent), and slot distances equal position distances after the prompt: Gemma 2's
+sliding-window layers stay exact however far generation runs past the window. Generated
+slots are marked valid from the start: causality already hides slots not yet written.
+
+Buckets. A call's prompts are sorted by length and cut into chunks of at most
+`max_batch_rows // num_samples` prompts; a chunk's prompt count is padded to a batch bucket
+(data-parallel size x a power of two, or the full chunk) with dummy rows that start finished
+and are dropped, and its longest prompt picks the prompt bucket (powers of two from
+`min_prompt_bucket`, or `prompt_length_buckets`). So a round compiles one program per (prompt
+bucket, batch bucket, num_samples, max_new_tokens, sampling mode), counted by
+`num_compilations`. temperature, top_p and the seed are traced: changing them does not
+recompile. Every process computes the same buckets from the same global prompt list.
+
+Randomness. Row (prompt i, sample j) at step t draws from fold_in(fold_in(fold_in(key(seed),
+i), j), t), with i the prompt's index in the call's list: samples do not depend on the
+chunking, the padding, the mesh or the number of processes.
+
+Outputs per sample: the new tokens (a stop token, when one ended the row, is the last token
+and is included), their log-probs under the model at temperature 1 with no filtering (what
+teacher forcing gives), and the finish reason ("stop" or "length").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Optional, Sequence, Union
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from eva_jax import parallel
+from eva_jax.models.transformer import (GemmaForSequenceClassification, Transformer,
+                                        cache_logical_axes, default_positions, init_cache)
+from eva_jax.sampler import sampling
+
+Array = jax.Array
+
+TRUNCATION_RULES = ("error", "left")
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sample:
+  """One generated continuation.
+
+  Attributes:
+    tokens: the new token ids; when `finish_reason == "stop"` the last one is the stop token.
+    logprobs: float32 [len(tokens)], log p(token | prefix) under the model at temperature 1
+      with no top-k / top-p filtering (teacher forcing's values).
+    finish_reason: "stop" (a stop token was emitted) or "length" (`max_new_tokens` reached).
+  """
+
+  tokens: list[int]
+  logprobs: np.ndarray
+  finish_reason: str
+
+  @property
+  def length(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def total_logprob(self) -> float:
+    return float(np.sum(self.logprobs, dtype=np.float64))
+
+
+def power_of_two_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+  """smallest, 2 * smallest, ... up to and including `largest` (added if not on the ladder)."""
+  if smallest < 1 or largest < 1:
+    raise ValueError(f"Bucket bounds must be positive, got {smallest} and {largest}.")
+  out = []
+  b = smallest
+  while b < largest:
+    out.append(b)
+    b *= 2
+  out.append(largest)
+  return tuple(out)
+
+
+def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
+  """The smallest bucket >= size."""
+  for b in buckets:
+    if b >= size:
+      return b
+  raise ValueError(f"{what} {size} exceeds the largest bucket {max(buckets)}.")
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+@gin.configurable
+class Sampler:
+  """Generates continuations of token-id prompts with a Gemma `Transformer` on a mesh.
+
+  Args:
+    model: the causal LM (`eva_jax.models.Transformer`).
+    mesh: device mesh (default: `parallel.create_mesh()`, all devices on `data`); the batch is
+      split over the data axes, heads and kv heads over `tensor`, as `rules` say.
+    rules: logical axis rules (default: `parallel.logical_axis_rules()`).
+    max_prompt_length: the longest prompt accepted (after truncation).
+    truncation: what to do with a longer prompt: "error" (raise ValueError naming it) or "left"
+      (keep its last `max_prompt_length` tokens; a leading BOS is kept as the first of them).
+    min_prompt_bucket: smallest prompt bucket of the default power-of-two ladder.
+    prompt_length_buckets: explicit increasing prompt buckets (overrides the ladder); the
+      largest must be >= `max_prompt_length`.
+    max_batch_rows: most rows (prompts x samples) one program decodes at once; longer lists
+      are cut into chunks (bounds the KV cache's memory).
+    cache_dtype: KV-cache dtype (default: the model's compute dtype, bf16 for real configs).
+    top_p_method: "radix" (exact nucleus without sorting the vocabulary) or "sort".
+    reuse_cache: keep the KV cache buffer between calls of the same shape instead of
+      allocating a fresh zeroed one per call (saves the fill; holds the memory).
+  """
+
+  def __init__(self, model: Transformer, mesh: Optional[Mesh] = None, rules=None, *,
+               max_prompt_length: int = 1024, truncation: str = "error",
+               min_prompt_bucket: int = 16,
+               prompt_length_buckets: Optional[Sequence[int]] = None,
+               max_batch_rows: int = 512, cache_dtype: Any = None,
+               top_p_method: str = "radix", reuse_cache: bool = False):
+    if isinstance(model, GemmaForSequenceClassification) or not isinstance(model, Transformer):
+      raise TypeError(f"Sampler needs a causal LM (eva_jax.models.Transformer), got "
+                      f"{type(model).__name__}.")
+    if truncation not in TRUNCATION_RULES:
+      raise ValueError(f"Sampler truncation={truncation!r}: use one of {TRUNCATION_RULES}.")
+    if top_p_method not in sampling.TOP_P_METHODS:
+      raise ValueError(f"Sampler top_p_method={top_p_method!r}: use one of "
+                       f"{sampling.TOP_P_METHODS}.")
+    if max_prompt_length < 1 or max_batch_rows < 1:
+      raise ValueError(f"Sampler: max_prompt_length={max_prompt_length} and max_batch_rows="
+                       f"{max_batch_rows} must be positive.")
+    self.model = model
+    self.config = model.config
+    self.mesh = parallel.create_mesh() if mesh is None else mesh
+    self.rules = parallel.logical_axis_rules() if rules is None else tuple(rules)
+    self.max_prompt_length = int(max_prompt_length)
+    self.truncation = truncation
+    if prompt_length_buckets is None:
+      self.prompt_buckets = power_of_two_buckets(min(min_prompt_bucket, max_prompt_length),
+                                                 max_prompt_length)
+    else:
+      buckets = tuple(int(b) for b in prompt_length_buckets)
+      if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+        raise ValueError(f"Sampler prompt_length_buckets={buckets}: use increasing positive "
+                         "lengths.")
+      if buckets[-1] < max_prompt_length:
+        raise ValueError(f"Sampler prompt_length_buckets: the largest bucket {buckets[-1]} is "
+                         f"below max_prompt_length={max_prompt_length}; add a bucket >= it.")
+      self.prompt_buckets = buckets
+    self.max_batch_rows = int(max_batch_rows)
+    self.cache_dtype = jnp.dtype(cache_dtype or self.config.dtype)
+    self.top_p_method = top_p_method
+    self.reuse_cache = reuse_cache
+    self.dp = parallel.data_parallel_size(self.mesh, self.rules)
+    self.num_compilations = 0
+    self.compile_seconds: list[float] = []
+    self.last_stats: list[dict] = []
+    self._programs: dict[tuple, Any] = {}
+    self._zero_cache: dict[tuple, Any] = {}
+    self._kept_cache: dict[tuple, Any] = {}
+
+  def release(self) -> None:
+    """Drops KV caches kept by `reuse_cache` (e.g. before a train step needs the memory)."""
+    self._kept_cache.clear()
+
+  # ---------------------------------------------------------------- host side
+
+  def _prepare_prompt(self, index: int, prompt: Sequence[int]) -> np.ndarray:
+    tokens = np.asarray(prompt)
+    if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+      raise ValueError(f"Sampler: prompt {index} is not a flat list of token ids (got an array "
+                       f"of shape {tokens.shape} and dtype {tokens.dtype}).")
+    if not tokens.size:
+      raise ValueError(f"Sampler: prompt {index} is empty; a prompt needs at least one token "
+                       "(Gemma prompts start with BOS).")
+    vocab = self.config.vocab_size
+    bad = tokens[(tokens < 0) | (tokens >= vocab)]
+    if bad.size:
+      raise ValueError(f"Sampler: prompt {index} has token ids outside [0, {vocab}): "
+                       f"{bad[:5].tolist()}; tokenize with the model's tokenizer.")
+    tokens = tokens.astype(np.int32)
+    if len(tokens) <= self.max_prompt_length:
+      return tokens
+    if self.truncation == "error":
+      raise ValueError(f"Sampler: prompt {index} has {len(tokens)} tokens, more than "
+                       f"max_prompt_length={self.max_prompt_length}; shorten it, raise "
+                       "max_prompt_length, or set truncation='left'.")
+    keep = self.max_prompt_length
+    if tokens[0] == self.config.bos_id:
+      return np.concatenate([tokens[:1], tokens[len(tokens) - (keep - 1):]])
+    return tokens[-keep:]
+
+  def _stop_lists(self, stop_tokens, num_prompts: int) -> list[tuple[int, ...]]:
+    if stop_tokens is None:
+      return [(self.config.eos_id,)] * num_prompts
+    stop_tokens = list(stop_tokens)
+    if stop_tokens and all(isinstance(s, (list, tuple, np.ndarray)) for s in stop_tokens):
+      if len(stop_tokens) != num_prompts:
+        raise ValueError(f"Sampler: stop_tokens has {len(stop_tokens)} lists for "
+                         f"{num_prompts} prompts; pass one list per prompt or one flat list.")
+      return [tuple(int(t) for t in s) for s in stop_tokens]
+    if any(isinstance(s, (list, tuple, np.ndarray)) for s in stop_tokens):
+      raise ValueError("Sampler: stop_tokens mixes ids and lists; pass one flat list of ids "
+                       "or one list per prompt.")
+    return [tuple(int(t) for t in stop_tokens)] * num_prompts
+
+  def _chunk_prompts(self, num_samples: int) -> int:
+    per = max(1, self.max_batch_rows // num_samples)
+    return max(self.dp, per // self.dp * self.dp)
+
+  def _batch_bucket(self, count: int, chunk: int) -> int:
+    buckets = [b for b in power_of_two_buckets(self.dp, max(self.dp, chunk))
+               if b % self.dp == 0]
+    return pick_bucket(count, buckets, "Chunk of prompts")
+
+  def _put(self, x: np.ndarray, batch: bool = True) -> Array:
+    """Host numpy -> global array; each process fills only its own devices' shards."""
+    x = np.asarray(x)
+    sharding = (parallel.batch_sharding(self.mesh, x.ndim, self.rules) if batch and x.ndim
+                else NamedSharding(self.mesh, P()))
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  def cache_shardings(self, rows: int, length: int) -> dict:
+    shapes = jax.eval_shape(lambda: init_cache(self.config, rows, length, self.cache_dtype))
+    return parallel.logical_shardings(cache_logical_axes(self.config), self.mesh, self.rules,
+                                      shapes)
+
+  def _new_cache(self, rows: int, length: int):
+    key = (rows, length)
+    kept = self._kept_cache.pop(key, None)
+    if kept is not None:
+      return kept
+    if key not in self._zero_cache:
+      self._zero_cache[key] = jax.jit(
+          functools.partial(init_cache, self.config, rows, length, self.cache_dtype),
+          out_shardings=self.cache_shardings(rows, length))
+    return self._zero_cache[key]()
+
+  def sample(self, params, prompts: Sequence[Sequence[int]], num_samples: int = 1,
+             max_new_tokens: int = 64, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: float = 1.0, seed: int = 0,
+             stop_tokens: Union[None, Sequence[int], Sequence[Sequence[int]]] = None
+             ) -> list[list[Sample]]:
+    """Samples `num_samples` continuations of every prompt.
+
+    Every process passes the same global `prompts` and gets every sample back.
+
+    Args:
+      params: the model's params (jax arrays, e.g. from `parallel.init_params`; bf16 weights
+        halve the bytes each decode step reads).
+      prompts: token-id lists (BOS and chat template included by the caller).
+      num_samples: n continuations per prompt; the prompt is prefilled once.
+      max_new_tokens: the most new tokens per sample (stop token included).
+      temperature: 0 for greedy decoding (top_k and top_p are then ignored), else the
+        softmax temperature.
+      top_k: keep the k most likely tokens (None: no filter).
+      top_p: nucleus mass in (0, 1]; 1 turns it off.
+      seed: the call's seed in [0, 2**31); the same seed and inputs give the same samples
+        (a sample's draws depend on the seed, its prompt's index in `prompts` and its own
+        index, not on the mesh, the chunking or the number of processes).
+      stop_tokens: ids that end a row (default: the config's EOS); one flat list for every
+        prompt, or one list per prompt (e.g. [EOS, <end_of_turn>]); [] never stops early.
+
+    Returns:
+      samples[i][j]: the j-th `Sample` of prompt i.
+    """
+    num_samples, max_new_tokens = int(num_samples), int(max_new_tokens)
+    if num_samples < 1:
+      raise ValueError(f"Sampler: num_samples={num_samples} must be >= 1.")
+    if max_new_tokens < 1:
+      raise ValueError(f"Sampler: max_new_tokens={max_new_tokens} must be >= 1.")
+    sampling.validate(temperature, top_k, top_p, self.config.vocab_size)
+    if not 0 <= int(seed) < 2 ** 31:
+      raise ValueError(f"Sampler: seed={seed} must be in [0, 2**31).")
+    prompts = [self._prepare_prompt(i, p) for i, p in enumerate(prompts)]
+    stops = self._stop_lists(stop_tokens, len(prompts))
+    results: list[Optional[list[Sample]]] = [None] * len(prompts)
+    self.last_stats = []
+    # Sort by length so a chunk's prompts share a tight bucket; stable, so every process
+    # forms the same chunks.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    chunk = self._chunk_prompts(num_samples)
+    for start in range(0, len(order), chunk):
+      ids = order[start:start + chunk]
+      out = self._run_chunk(params, [prompts[i] for i in ids], ids, [stops[i] for i in ids],
+                            num_samples, max_new_tokens, temperature, top_k, top_p, seed,
+                            chunk)
+      for i, samples in zip(ids, out):
+        results[i] = samples
+    return results
+
+  def _run_chunk(self, params, prompts, ids, stops, n, max_new, temperature, top_k, top_p,
+                 seed, chunk) -> list[list[Sample]]:
+    cfg = self.config
+    b = self._batch_bucket(len(prompts), chunk)
+    p_len = pick_bucket(max(len(p) for p in prompts), self.prompt_buckets, "Prompt length")
+    # At least 4 stop slots (EOS, <end_of_turn>, ...) so that typical lists share a program.
+    n_stop = max(4, _next_pow2(max(len(s) for s in stops)))
+    tokens = np.full((b, p_len), cfg.pad_id, np.int32)
+    mask = np.zeros((b, p_len), bool)
+    index = np.full((b,), -1, np.int32)
+    valid = np.zeros((b,), bool)
+    stop_ids = np.full((b, n_stop), -1, np.int32)
+    tokens[len(prompts):, -1] = cfg.bos_id  # dummy rows: one real token, finished at once
+    mask[len(prompts):, -1] = True
+    for r, (prompt, i, s) in enumerate(zip(prompts, ids, stops)):
+      tokens[r, p_len - len(prompt):] = prompt
+      mask[r, p_len - len(prompt):] = True
+      index[r] = i
+      valid[r] = True
+      stop_ids[r, :len(s)] = s
+
+    greedy = temperature == 0
+    use_top_p = (not greedy) and top_p < 1.0
+    top_k = None if greedy or top_k is None else int(top_k)
+    rows, length = b * n, p_len + max_new
+    params = jax.tree_util.tree_map(
+        lambda x: x if isinstance(x, jax.Array) else self._put(np.asarray(x), batch=False),
+        params)
+    cache = self._new_cache(rows, length)
+    args = (params, cache, self._put(tokens), self._put(mask), self._put(index),
+            self._put(valid), self._put(stop_ids), self._put(np.int32(seed), batch=False),
+            self._put(np.float32(temperature if not greedy else 1.0), batch=False),
+            self._put(np.float32(top_p), batch=False))
+    statics = dict(num_samples=n, max_new=max_new, greedy=greedy, top_k=top_k,
+                   use_top_p=use_top_p)
+    signature = jax.tree_util.tree_structure(params), tuple(
+        (x.shape, x.dtype, x.sharding) for x in jax.tree_util.tree_leaves(params))
+    key = (b, p_len, n_stop, tuple(sorted(statics.items())), signature)
+    compile_s = 0.0
+    if key not in self._programs:
+      start = time.perf_counter()
+      self._programs[key] = self._compile(args, statics, rows, length)
+      compile_s = time.perf_counter() - start
+      self.num_compilations += 1
+      self.compile_seconds.append(compile_s)
+    start = time.perf_counter()
+    out, cache = self._programs[key](*args)
+    if self.reuse_cache:
+      self._kept_cache[(rows, length)] = cache
+    del cache
+    out = parallel.global_to_host(out)
+    self.last_stats.append(dict(batch=b, prompt_bucket=p_len, rows=rows, cache_length=length,
+                                decode_steps=int(out["steps"]) - 1, compile_s=compile_s,
+                                run_s=time.perf_counter() - start))
+    samples = []
+    for r in range(len(prompts)):
+      per_prompt = []
+      for j in range(n):
+        row = r * n + j
+        k = int(out["lengths"][row])
+        per_prompt.append(Sample(
+            tokens=[int(t) for t in out["tokens"][row, :k]],
+            logprobs=np.asarray(out["logprobs"][row, :k], np.float32),
+            finish_reason=FINISH_STOP if out["stopped"][row] else FINISH_LENGTH))
+      samples.append(per_prompt)
+    return samples
+
+  # ---------------------------------------------------------------- device side
+
+  def _compile(self, args, statics, rows, length):
+    batch = lambda ndim: parallel.batch_sharding(self.mesh, ndim, self.rules)
+    out_shardings = (
+        dict(tokens=batch(2), logprobs=batch(2), lengths=batch(1), stopped=batch(1),
+             steps=NamedSharding(self.mesh, P())),
+        self.cache_shardings(rows, length))
+    fn = jax.jit(functools.partial(self._generate, **statics), donate_argnums=(1,),
+                 out_shardings=out_shardings)
+    with parallel.with_mesh_rules(self.mesh, self.rules):
+      return fn.lower(*args).compile()
+
+  def _generate(self, params, cache, tokens, prompt_mask, prompt_index, row_valid, stop_ids,
+                seed, temperature, top_p, *, num_samples, max_new, greedy, top_k, use_top_p):
+    """The whole generation as one traced program (see the module docstring).
+
+    Args:
+      cache: the donated decode cache, {layer_i: {k, v: [B * n, P + max_new, K, H]}}.
+      tokens / prompt_mask: int32 / bool [B, P], prompts left-padded.
+      prompt_index: int32 [B], each row's index in the caller's prompt list (-1: dummy).
+      row_valid: bool [B]; dummy rows start finished.
+      stop_ids: int32 [B, n_stop], -1 padded.
+      seed: int32 scalar; temperature, top_p: float32 scalars.
+    """
+    cfg, n = self.config, num_samples
+    b, p_len = tokens.shape
+    rows = b * n
+    cache_sharding = self.cache_shardings(rows, p_len + max_new)
+    apply = functools.partial(self.model.apply, {"params": params})
+    repeat = lambda x: jnp.repeat(x, n, axis=0)  # row r * n + j is sample j of prompt r
+
+    # Prefill into a cache as long as the prompts, then place its rows n times in the decode
+    # cache: the prompts are run once however many samples each gets.
+    positions = default_positions(tokens, cfg.pad_id, prompt_mask)
+    hidden, prompt_cache = apply(tokens, positions=positions, attention_mask=prompt_mask,
+                                 cache=init_cache(cfg, b, p_len, self.cache_dtype),
+                                 cache_index=jnp.int32(0), return_hidden=True)
+    cache = jax.tree_util.tree_map(
+        lambda big, small, s: jax.lax.with_sharding_constraint(
+            jax.lax.dynamic_update_slice(big, repeat(small), (0, 0, 0, 0)), s),
+        cache, prompt_cache, cache_sharding)
+    logits = repeat(apply(hidden[:, -1], method="unembed"))  # [R, V] float32
+
+    # Generated slots are valid from the start; causality hides the ones not written yet.
+    attention_mask = jnp.concatenate([repeat(prompt_mask), jnp.ones((rows, max_new), bool)],
+                                     axis=1)
+    next_position = repeat(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32))
+    stop_ids = repeat(stop_ids)
+    base = jax.random.key(seed)
+    row_keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(
+        repeat(prompt_index), jnp.tile(jnp.arange(n, dtype=jnp.int32), b))
+
+    def pick(logits, step):
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+      tok = sampling.sample_tokens(keys, logits, greedy=greedy, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, use_top_p=use_top_p,
+                                   top_p_method=self.top_p_method)
+      return tok, sampling.token_logprobs(logits, tok)
+
+    def is_stop(tok):
+      return jnp.any(tok[:, None] == stop_ids, axis=-1)
+
+    tok, lp = pick(logits, 0)
+    out_tokens = jnp.full((rows, max_new), cfg.pad_id, jnp.int32).at[:, 0].set(tok)
+    out_logprobs = jnp.zeros((rows, max_new), jnp.float32).at[:, 0].set(lp)
+    stopped = is_stop(tok)
+    done = stopped | ~repeat(row_valid)
+    lengths = jnp.ones((rows,), jnp.int32)
+
+    def cond(state):
+      step, done = state[0], state[3]
+      return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+      step, cache, last, done, stopped, lengths, out_tokens, out_logprobs = state
+      slot = p_len + step - 1  # where the previous token goes
+      logits, cache = apply(last[:, None], positions=(next_position + step - 1)[:, None],
+                            attention_mask=attention_mask, cache=cache, cache_index=slot)
+      tok, lp = pick(logits[:, 0], step)
+      active = ~done
+      tok = jnp.where(active, tok, cfg.pad_id)
+      lp = jnp.where(active, lp, 0.0)
+      out_tokens = jax.lax.dynamic_update_slice(out_tokens, tok[:, None], (0, step))
+      out_logprobs = jax.lax.dynamic_update_slice(out_logprobs, lp[:, None], (0, step))
+      hit = active & is_stop(tok)
+      return (step + 1, cache, tok, done | hit, stopped | hit, lengths + active,
+              out_tokens, out_logprobs)
+
+    state = (jnp.int32(1), cache, tok, done, stopped, lengths, out_tokens, out_logprobs)
+    step, cache, _, _, stopped, lengths, out_tokens, out_logprobs = jax.lax.while_loop(
+        cond, body, state)
+    out = dict(tokens=out_tokens, logprobs=out_logprobs, lengths=lengths, stopped=stopped,
+               steps=step)
+    return out, cache

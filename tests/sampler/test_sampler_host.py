@@ -1,0 +1,165 @@
+"""The sampler's host side: buckets and compile counts, chunking, truncation, user errors,
+and a bf16 model."""
+
+import importlib.util
+import os
+
+import gin
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eva_jax.models import GemmaForSequenceClassification, get_config
+from eva_jax.sampler import Sampler, pick_bucket, power_of_two_buckets
+
+_spec = importlib.util.spec_from_file_location(
+    "sampler_tests_reference", os.path.join(os.path.dirname(__file__), "reference.py"))
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)
+mp_targets = ref.load_sibling("mp_targets")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return mp_targets.build("tiny", num_devices=1)
+
+
+def test_bucket_ladders():
+  assert power_of_two_buckets(16, 100) == (16, 32, 64, 100)
+  assert power_of_two_buckets(16, 64) == (16, 32, 64)
+  assert pick_bucket(17, (16, 32), "Prompt length") == 32
+  with pytest.raises(ValueError, match="Prompt length 33 exceeds the largest bucket 32"):
+    pick_bucket(33, (16, 32), "Prompt length")
+
+
+def test_buckets_bound_the_number_of_compiled_programs(tiny):
+  model, mesh, params = tiny
+  sampler = Sampler(model, mesh, min_prompt_bucket=8, max_prompt_length=32)
+  assert sampler.prompt_buckets == (8, 16, 32)
+  kw = dict(max_new_tokens=4, num_samples=2, stop_tokens=[])
+  sampler.sample(params, mp_targets.prompts_for([9, 3, 16]), temperature=0.7, top_p=0.9, **kw)
+  assert sampler.num_compilations == 1
+  assert sampler.last_stats[0]["batch"] == 4 and sampler.last_stats[0]["prompt_bucket"] == 16
+  # Same buckets (4 prompts, longest 14): other seeds, temperatures and top_p values reuse it.
+  sampler.sample(params, mp_targets.prompts_for([11, 10, 12, 14]), temperature=1.1,
+                 top_p=0.5, seed=9, **kw)
+  assert sampler.num_compilations == 1
+  # A longer prompt moves to the next prompt bucket (and one prompt to batch bucket 1).
+  sampler.sample(params, mp_targets.prompts_for([20]), temperature=0.7, top_p=0.9, **kw)
+  assert sampler.num_compilations == 2
+  assert sampler.last_stats[0]["batch"] == 1 and sampler.last_stats[0]["prompt_bucket"] == 32
+  assert len(sampler.compile_seconds) == 2
+
+
+def test_chunking_and_batch_padding_do_not_change_samples(tiny):
+  model, mesh, params = tiny
+  prompts = mp_targets.prompts_for([5, 9, 2, 14])
+  kw = dict(num_samples=2, max_new_tokens=6, temperature=1.0, seed=11, stop_tokens=[])
+  whole = Sampler(model, mesh)
+  one = whole.sample(params, prompts[:3], **kw)
+  assert [s["batch"] for s in whole.last_stats] == [4]  # 3 prompts + 1 dummy row
+  chunked = Sampler(model, mesh, max_batch_rows=4)  # 2 prompts per program
+  parts = chunked.sample(params, prompts, **kw)
+  assert [s["batch"] for s in chunked.last_stats] == [2, 2]
+  assert chunked.num_compilations == 1
+  # Samples depend on (seed, prompt index, sample index), not on the chunk or the padding.
+  assert [[s.tokens for s in p] for p in parts[:3]] == [[s.tokens for s in p] for p in one]
+
+
+def test_reused_cache_gives_the_same_samples(tiny):
+  model, mesh, params = tiny
+  kw = dict(num_samples=2, max_new_tokens=6, temperature=0.0, stop_tokens=[])
+  sampler = Sampler(model, mesh, reuse_cache=True)
+  first = sampler.sample(params, mp_targets.prompts_for([5, 9]), **kw)
+  assert len(sampler._kept_cache) == 1
+  # The kept cache holds the first call's keys and values; masking must hide them.
+  stale = sampler.sample(params, mp_targets.prompts_for([3, 12], seed=1), **kw)
+  sampler.release()
+  assert not sampler._kept_cache
+  fresh = sampler.sample(params, mp_targets.prompts_for([3, 12], seed=1), **kw)
+  assert [p[0].tokens for p in stale] == [p[0].tokens for p in fresh]
+  assert [p[0].tokens for p in first] != [p[0].tokens for p in stale]
+  assert sampler.num_compilations == 1
+
+
+def test_bfloat16_model_samples_with_stated_tolerance():
+  """bf16 weights, activations and cache: log-probs within 0.1 of the bf16 full forward."""
+  model, mesh, params = mp_targets.build("tiny", num_devices=1, dtype="bfloat16",
+                                         param_dtype="bfloat16")
+  sampler = Sampler(model, mesh)
+  assert sampler.cache_dtype == jnp.bfloat16
+  prompts = mp_targets.prompts_for((3, 7, 12, 1), seed=5)
+  out = sampler.sample(params, prompts, num_samples=2, max_new_tokens=24, temperature=1.0,
+                       seed=1, stop_tokens=[])
+  for prompt, samples in zip(prompts, out):
+    lp, _ = ref.teacher_forced(model, params, prompt, [s.tokens for s in samples], 40)
+    for s, want in zip(samples, lp):
+      assert s.length == 24
+      np.testing.assert_allclose(s.logprobs, want, atol=0.1)
+
+
+def test_user_errors_name_the_problem(tiny):
+  model, mesh, params = tiny
+  sampler = Sampler(model, mesh, max_prompt_length=8, min_prompt_bucket=4)
+  ok = [[2, 5, 6]]
+  with pytest.raises(ValueError, match=r"prompt 1 has 9 tokens.*max_prompt_length=8"):
+    sampler.sample(params, [[2, 3], list(range(2, 11))])
+  with pytest.raises(ValueError, match="prompt 0 is empty"):
+    sampler.sample(params, [[]])
+  with pytest.raises(ValueError, match=r"prompt 0 has token ids outside \[0, 384\)"):
+    sampler.sample(params, [[2, 384]])
+  with pytest.raises(ValueError, match="prompt 0 is not a flat list of token ids"):
+    sampler.sample(params, [[[2, 3]]])
+  with pytest.raises(ValueError, match="prompt 1 is not a flat list of token ids"):
+    sampler.sample(params, [[2], [2.5, 3.0]])
+  with pytest.raises(ValueError, match="num_samples=0"):
+    sampler.sample(params, ok, num_samples=0)
+  with pytest.raises(ValueError, match="max_new_tokens=0"):
+    sampler.sample(params, ok, max_new_tokens=0)
+  with pytest.raises(ValueError, match="temperature=-1"):
+    sampler.sample(params, ok, temperature=-1)
+  with pytest.raises(ValueError, match="top_p=0"):
+    sampler.sample(params, ok, top_p=0)
+  with pytest.raises(ValueError, match="top_k=385"):
+    sampler.sample(params, ok, top_k=385)
+  with pytest.raises(ValueError, match=r"seed=-1 must be in \[0, 2\*\*31\)"):
+    sampler.sample(params, ok, seed=-1)
+  with pytest.raises(ValueError, match="2 lists for 1 prompts"):
+    sampler.sample(params, ok, stop_tokens=[[1], [1]])
+  with pytest.raises(ValueError, match="mixes ids and lists"):
+    sampler.sample(params, ok, stop_tokens=[1, [1]])
+  with pytest.raises(ValueError, match="truncation='middle'"):
+    Sampler(model, mesh, truncation="middle")
+  with pytest.raises(ValueError, match="top_p_method='bisect'"):
+    Sampler(model, mesh, top_p_method="bisect")
+  with pytest.raises(ValueError, match="largest bucket 16 is below max_prompt_length=32"):
+    Sampler(model, mesh, max_prompt_length=32, prompt_length_buckets=[8, 16])
+  with pytest.raises(ValueError, match="increasing positive"):
+    Sampler(model, mesh, max_prompt_length=16, prompt_length_buckets=[16, 8])
+  with pytest.raises(TypeError, match="causal LM"):
+    Sampler(GemmaForSequenceClassification(get_config("tiny")), mesh)
+  assert sampler.sample(params, []) == []
+  assert sampler.num_compilations == 0  # every error was raised before compiling
+
+
+def test_left_truncation_keeps_bos_and_the_end(tiny):
+  model, mesh, params = tiny
+  sampler = Sampler(model, mesh, max_prompt_length=8, min_prompt_bucket=8, truncation="left")
+  long = [2] + list(range(10, 30))
+  kw = dict(max_new_tokens=5, temperature=0.0, stop_tokens=[])
+  got = sampler.sample(params, [long, list(range(10, 30))], **kw)
+  want = sampler.sample(params, [[2] + long[-7:], list(range(22, 30))], **kw)
+  assert [p[0].tokens for p in got] == [p[0].tokens for p in want]
+  assert sampler.num_compilations == 1
+
+
+def test_knobs_bind_with_gin(tiny):
+  model, mesh, _ = tiny
+  try:
+    gin.parse_config(["Sampler.min_prompt_bucket = 8", "Sampler.max_prompt_length = 64",
+                      "Sampler.truncation = 'left'"])
+    sampler = Sampler(model, mesh)
+  finally:
+    gin.clear_config()
+  assert sampler.prompt_buckets == (8, 16, 32, 64) and sampler.truncation == "left"
+  assert Sampler(model, mesh).prompt_buckets[0] == 16  # defaults again without gin
