@@ -18,8 +18,9 @@ Conventions (t5x / MaxText style):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -162,7 +163,7 @@ def init_params(model: nn.Module, rng: jax.Array, mesh: Mesh, rules=None, *init_
   def init(key):
     return nn.unbox(model.init(key, *init_args, **init_kwargs)["params"])
 
-  with mesh, nn.logical_axis_rules(logical_axis_rules() if rules is None else rules):
+  with with_mesh_rules(mesh, rules):
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
@@ -219,22 +220,15 @@ def process_slice(global_size: int) -> slice:
   return slice(i * per, (i + 1) * per)
 
 
-def with_mesh_rules(mesh: Mesh, rules=None) -> Callable:
-  """Context manager activating `mesh` and the logical rules (for logical constraints)."""
+@contextlib.contextmanager
+def with_mesh_rules(mesh: Mesh, rules=None) -> Iterator[Mesh]:
+  """Activates `mesh` and the logical rules, so that logical constraints inside jitted code
+  resolve to mesh axes."""
   rules = logical_axis_rules() if rules is None else rules
-
-  class _Ctx:
-    def __enter__(self):
-      self._m = mesh.__enter__()
-      self._r = nn.logical_axis_rules(rules)
-      self._r.__enter__()
-      return mesh
-
-    def __exit__(self, *exc):
-      self._r.__exit__(*exc)
-      return mesh.__exit__(*exc)
-
-  return _Ctx()
+  # `jax.set_mesh` replaces the deprecated `with mesh:` (jax >= 0.7 has it).
+  mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
+  with mesh_ctx, nn.logical_axis_rules(rules):
+    yield mesh
 
 
 def broadcast_from_process0(tree: Any) -> Any:

@@ -170,9 +170,12 @@ class TrainStep:
       raise ValueError(f"Train step: rows have {t} tokens, more than max_length="
                        f"{self.max_length}; truncate with make_pair_batch(max_length="
                        f"{self.max_length}) or raise max_length.")
+    self._check_divisible(b)
+
+  def _check_divisible(self, num_pairs: int) -> None:
     unit = self.num_microbatches * self.data_parallel
-    if b % unit:
-      raise ValueError(f"Train step: a batch of {b} pairs does not split into "
+    if num_pairs % unit:
+      raise ValueError(f"Train step: a batch of {num_pairs} pairs does not split into "
                        f"{self.num_microbatches} micro-batches over {self.data_parallel} "
                        f"data-parallel shards; use a multiple of {unit} pairs.")
 
@@ -182,6 +185,8 @@ class TrainStep:
                                   max_length=self.max_length,
                                   needs_reference=self.loss_fn.needs_reference)
     local = {k: np.asarray(local_batch[k]) for k in self.keys}
+    # Checked before the arrays are placed, where a bad size would fail inside JAX.
+    self._check_divisible(local["chosen_tokens"].shape[0] * jax.process_count())
     for k in batch_lib.REF_KEYS:
       if k in local:
         local[k] = local[k].astype(np.float32)

@@ -47,6 +47,9 @@ def test_batch_not_divisible_by_data_axes_or_microbatches_raises(setup, pairs_fa
   with pytest.raises(ValueError, match="3 pairs does not split into 1 micro-batches over 2 "
                                        "data-parallel shards; use a multiple of 2"):
     _step(setup).check_batch_shape(_with_ref(pairs_factory(3, T)))
+  # shard_batch says so too, before JAX would fail to place the arrays.
+  with pytest.raises(ValueError, match="3 pairs does not split into 1 micro-batches"):
+    _step(setup).shard_batch(_with_ref(pairs_factory(3, T)))
   with pytest.raises(ValueError, match="4 pairs does not split into 4 micro-batches over 2 "
                                        "data-parallel shards; use a multiple of 8"):
     _step(setup, num_microbatches=4).check_batch_shape(_with_ref(pairs_factory(4, T)))
