@@ -25,7 +25,6 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -229,16 +228,3 @@ def with_mesh_rules(mesh: Mesh, rules=None) -> Iterator[Mesh]:
   mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
   with mesh_ctx, nn.logical_axis_rules(rules):
     yield mesh
-
-
-def broadcast_from_process0(tree: Any) -> Any:
-  """Host values decided on process 0, the same on every process afterwards."""
-  if jax.process_count() == 1:
-    return tree
-  return multihost_utils.broadcast_one_to_all(tree)
-
-
-def cast_floating(tree: Any, dtype) -> Any:
-  """Casts floating leaves of `tree` to `dtype` (integers untouched)."""
-  return jax.tree_util.tree_map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
