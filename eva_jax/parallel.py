@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -228,3 +228,42 @@ def with_mesh_rules(mesh: Mesh, rules=None) -> Iterator[Mesh]:
   mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
   with mesh_ctx, nn.logical_axis_rules(rules):
     yield mesh
+
+
+def broadcast_from_process0(obj: Any) -> Any:
+  """Process 0's `obj` (any picklable host value) on every process; `obj` itself with one
+  process. For host-side results that only process 0 computes (e.g. answers of an HTTP
+  server, which every process asking would multiply and could make differ)."""
+  if jax.process_count() == 1:
+    return obj
+  import pickle  # pylint: disable=import-outside-toplevel
+  payload = np.frombuffer(pickle.dumps(obj), np.uint8) if jax.process_index() == 0 else None
+  # Two broadcasts: the length (so every process holds a buffer of the right shape), then
+  # the bytes.
+  size = int(multihost_utils.broadcast_one_to_all(
+      np.int64(payload.size if payload is not None else 0)))
+  buf = payload if payload is not None else np.zeros((size,), np.uint8)
+  data = multihost_utils.broadcast_one_to_all(buf)
+  return pickle.loads(np.asarray(data, np.uint8).tobytes())
+
+
+class _Raised(NamedTuple):
+  error: BaseException
+
+
+def run_on_process0(fn: Callable[[], Any]) -> Any:
+  """`fn()` computed on process 0 only, its result returned on every process. An exception
+  raised by `fn` on process 0 is raised on every process too, so that no process waits
+  forever for a result that will not come."""
+  if jax.process_count() == 1:
+    return fn()
+  out = None
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    except Exception as e:  # pylint: disable=broad-except
+      out = _Raised(e)
+  out = broadcast_from_process0(out)
+  if isinstance(out, _Raised):
+    raise out.error
+  return out
