@@ -4,3 +4,4 @@ from eva_jax.rewards.base import (ON_FAILURE, REWARDS, Reward, RewardError, Rewa
                                   make_reward, prompt_text)
 from eva_jax.rewards.programmatic import REWARD_FNS, ProgrammaticReward, resolve_callable
 from eva_jax.rewards.http import HTTPReward
+from eva_jax.rewards.model import ModelReward
