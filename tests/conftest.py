@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -10,3 +12,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # the gs:// tests' fixture would set it too late: the emulator does not speak the
 # hierarchical-namespace API that gcsfs otherwise probes.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+@pytest.fixture
+def gcs_bucket():
+  """A fresh, empty bucket on a local GCS emulator (fake-gcs-server on 127.0.0.1); yields its
+  "gs://..." URL. gcsfs / etils.epath, google-cloud-storage and tensorstore (Orbax) all talk to
+  it, in this process and in subprocesses started meanwhile (see eva_jax.testing.gcs)."""
+  from eva_jax.testing.gcs import gcs_emulator  # pylint: disable=g-import-not-at-top
+  with gcs_emulator() as bucket:
+    yield bucket

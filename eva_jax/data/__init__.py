@@ -1,0 +1,5 @@
+"""Prompt sources: JSON-lines and Parquet prompt files (local or gs://), held-out splits."""
+
+from eva_jax.data.prompts import (FORMATS, STAT_KEYS, PromptExample, PromptFileError, PromptSet,
+                                  expand_paths, load_prompts, load_train_and_heldout,
+                                  split_heldout)

@@ -347,37 +347,10 @@ def test_save_hf_rejects_params_that_do_not_fit_the_config(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# gs:// paths, against a local GCS emulator (PyPI's gcp-storage-emulator).
+# gs:// paths, against a local GCS emulator (the `gcs_bucket` fixture of tests/conftest.py).
 
 
-@pytest.fixture
-def gcs_bucket(monkeypatch):
-  """A fresh bucket on a GCS emulator on 127.0.0.1; yields its gs:// URL."""
-  # Both come with the `test` and `gcs` extras, which CI installs.
-  from gcp_storage_emulator import server as emulator  # pylint: disable=g-import-not-at-top
-  import gcsfs  # pylint: disable=g-import-not-at-top
-  from eva_jax.testing.multiprocess import free_port  # pylint: disable=g-import-not-at-top
-  port = free_port()
-  url = f"http://127.0.0.1:{port}"
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
-  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # Orbax (tensorstore) talks to it too
-  monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # no metadata-server lookup
-  monkeypatch.setenv("FSSPEC_GCS_TOKEN", "anon")
-  monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-  import fsspec  # pylint: disable=g-import-not-at-top
-  monkeypatch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})  # read at import otherwise
-  gcsfs.GCSFileSystem.clear_instance_cache()
-  bucket = f"eva-test-{port}"
-  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
-  server.start()
-  try:
-    yield f"gs://{bucket}"
-  finally:
-    server.stop()
-    gcsfs.GCSFileSystem.clear_instance_cache()
-
-
-def test_gs_paths_for_hf_and_official_checkpoints(gcs_bucket, tmp_path):
+def test_gs_paths_for_hf_and_official_checkpoints(gcs_bucket):
   cfg = H.eva_config("gemma2")
   params = H.random_params(cfg, seed=9)
   save_hf(f"{gcs_bucket}/hf", cfg, params, max_shard_bytes=100_000)
@@ -385,13 +358,8 @@ def test_gs_paths_for_hf_and_official_checkpoints(gcs_bucket, tmp_path):
   H.assert_trees_equal(params, _host(loaded))
   assert model.config.sliding_window == cfg.sliding_window
 
-  # The official checkpoint is written locally and copied up: tensorstore's conditional OCDBT
-  # writes are intermittently refused by the emulator ("Malformed StorageGeneration"); reading
-  # it back through Orbax from gs:// is what from_pretrained needs.
-  import fsspec  # pylint: disable=g-import-not-at-top
-  save_official(tmp_path / "official", params, cfg, vocab_rows=H.VOCAB + 8)
-  fsspec.filesystem("gcs").put(str(tmp_path / "official"),
-                               f"{gcs_bucket}/official".removeprefix("gs://"), recursive=True)
+  save_official(f"{gcs_bucket}/official", params, cfg, vocab_rows=H.VOCAB + 8)
+  assert oc.detect_layout(oc.read_tree_metadata(f"{gcs_bucket}/official")) == oc.FLAT
   _, loaded = from_pretrained(f"{gcs_bucket}/official", config=cfg)
   H.assert_trees_equal(params, _host(loaded))
 
