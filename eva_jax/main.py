@@ -1,10 +1,18 @@
 """eva_jax command line: `python -m eva_jax.main [--gin_file=F ...] [--gin_bindings=B ...]
 [--workdir=DIR]`.
 
-Parses the gin configuration (default: the embedded `gin/eva_tiny.gin`), writes the operative
-config to `DIR/config.gin`, and runs the eva rounds. The round loop (creator, rewards, loop.py)
-is not built yet: until it is, this command checks the configuration, builds the configured
-model, reports what it built, and says plainly that the loop is missing (exit status 3).
+Parses the gin configuration (default: the embedded `eva_tiny.gin`), then runs the eva rounds
+in DIR (default: a fresh temporary folder), or resumes them when DIR already holds a run made
+with the same configuration. Writes DIR/metrics.jsonl, DIR/checkpoints/ (Orbax),
+DIR/config.gin (the operative config), DIR/prompts/round_N.jsonl and DIR/tensorboard/.
+
+Gin files are found by path, or by name among the files shipped in the package
+(`--gin_file=eva_gemma.gin`, `--gin_file=losses/ipo.gin`). SIGTERM (a preempted VM) saves the
+run and exits 0; the same command resumes it.
+
+Several processes (one per host of a TPU pod or GPU cluster) run the same command; on TPU
+pods `jax.distributed.initialize()` finds its peers by itself, elsewhere pass
+--coordinator_address, --num_processes and --process_id (or set JAX's environment variables).
 """
 
 from __future__ import annotations
@@ -16,55 +24,78 @@ import tempfile
 
 import gin
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
-DEFAULT_GIN = os.path.join(GIN_DIR, "eva_tiny.gin")
-LOOP_MISSING_EXIT = 3
+GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin")
+DEFAULT_GIN = "eva_tiny.gin"
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog="python -m eva_jax.main", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin config file; repeatable (default: gin/eva_tiny.gin)")
+                      help=f"gin config file, a path or the name of a shipped one; "
+                      f"repeatable (default: {DEFAULT_GIN})")
   parser.add_argument("--gin_bindings", action="append", default=[],
-                      help="a gin binding such as 'get_config.name=\"tiny\"'; repeatable")
+                      help="a gin binding such as 'EvaConfig.num_rounds = 3'; repeatable")
   parser.add_argument("--workdir", default=None,
-                      help="run folder (local or gs://); default: a fresh temporary folder")
+                      help="run folder, local or gs:// (default: a fresh temporary folder); "
+                      "a folder holding a run resumes it")
+  parser.add_argument("--allow_config_change", action="store_true",
+                      help="resume a run even though its configuration differs")
+  parser.add_argument("--coordinator_address", default=None,
+                      help="multi-process runs off TPU: host:port of process 0")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
   return parser.parse_args(argv)
 
 
-def load_gin(files, bindings):
-  files = files or [DEFAULT_GIN]
-  for f in files:
-    if not os.path.exists(f) and not f.startswith("gs://"):
-      raise FileNotFoundError(f"--gin_file {f!r} does not exist; pass a path to a .gin file "
-                              f"(the shipped ones are in {GIN_DIR}).")
+def resolve_gin_file(name: str) -> str:
+  """A gin file's path: `name` itself when it exists (or is gs://), else the shipped file of
+  that name."""
+  if name.startswith("gs://") or os.path.exists(name):
+    return name
+  shipped = os.path.join(GIN_DIR, name)
+  if os.path.exists(shipped):
+    return shipped
+  available = sorted(os.path.relpath(os.path.join(d, f), GIN_DIR)
+                     for d, _, fs in os.walk(GIN_DIR) for f in fs if f.endswith(".gin"))
+  raise FileNotFoundError(f"--gin_file {name!r} does not exist; pass a path to a .gin file "
+                          f"or the name of a shipped one: {', '.join(available)}.")
+
+
+def load_gin(files, bindings) -> None:
+  files = [resolve_gin_file(f) for f in (files or [DEFAULT_GIN])]
   gin.clear_config()
   gin.add_config_file_search_path(GIN_DIR)
   gin.parse_config_files_and_bindings(files, bindings)
 
 
+def initialize_distributed(args) -> None:
+  """Joins the other processes of a multi-process run (nothing to do with one process)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  explicit = [args.coordinator_address, args.num_processes, args.process_id]
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ValueError("--coordinator_address, --num_processes and --process_id go together; "
+                       "pass all three (or none: TPU pods find their peers by themselves).")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+
+
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  # Importing the package registers every configurable before gin parses.
-  import jax  # pylint: disable=import-outside-toplevel
-  from eva_jax import models, parallel  # pylint: disable=import-outside-toplevel
+  initialize_distributed(args)
+  # Importing the loop registers every configurable before gin parses.
+  from eva_jax import loop  # pylint: disable=import-outside-toplevel
 
   load_gin(args.gin_file, args.gin_bindings)
+  import jax  # pylint: disable=import-outside-toplevel
+  if args.workdir is None and jax.process_count() > 1:
+    raise ValueError("A run of several processes needs --workdir, a folder every process can "
+                     "reach (e.g. gs://bucket/run).")
   workdir = args.workdir or tempfile.mkdtemp(prefix="eva_jax_")
-  os.makedirs(workdir, exist_ok=True)
-  config = models.get_config()
-  mesh = parallel.create_mesh()
-  model = models.Transformer(config)
-  with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-    f.write(gin.operative_config_str() or gin.config_str())
-  print(f"eva_jax: model {config.num_params():,} params ({config.num_layers} layers), "
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} device(s), workdir {workdir}")
-  del model
-  print("eva_jax: the eva round loop (creator, rewards, loop.py) is not implemented yet; "
-        "the model, checkpoint import/export, tokenizers, solver step and sampler are. "
-        "See README.md.", file=sys.stderr)
-  return LOOP_MISSING_EXIT
+  return loop.run(workdir, allow_config_change=args.allow_config_change)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Test-wide setup: 8 CPU devices (for sharded tests), before anything imports jax."""
+"""Test-wide setup, before anything imports jax: 8 CPU devices (for sharded tests), and JAX's
+persistent compilation cache, which tests and the processes they start share (many tests
+build the same small programs again, e.g. every resumed run of the round loop)."""
 
+import getpass
 import os
+import tempfile
 
 import pytest
 
@@ -12,6 +16,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # the gs:// tests' fixture would set it too late: the emulator does not speak the
 # hierarchical-namespace API that gcsfs otherwise probes.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"eva_jax_test_cache_{getpass.getuser()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("EVA_JAX_NO_PROGRESS", "1")
 
 
 @pytest.fixture

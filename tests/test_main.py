@@ -1,4 +1,5 @@
-"""The command line: configuration parsing, the operative config, clear errors."""
+"""The command line: gin files by path or by shipped name, bindings, clear errors, and the
+README's `python -m eva_jax.main` running the default rounds end to end."""
 
 import os
 import subprocess
@@ -7,21 +8,20 @@ import sys
 import pytest
 
 from eva_jax import main as eva_main
+from eva_jax import metrics
 
 
-def test_default_run_writes_operative_config_and_says_the_loop_is_missing(tmp_path, capsys):
-  rc = eva_main.main(["--workdir", str(tmp_path)])
-  assert rc == eva_main.LOOP_MISSING_EXIT
-  text = (tmp_path / "config.gin").read_text()
-  assert "get_config.name = 'tiny'" in text
-  err = capsys.readouterr().err
-  assert "not implemented yet" in err
-
-
-def test_bindings_override_the_gin_file(tmp_path, capsys):
-  eva_main.main(["--workdir", str(tmp_path), "--gin_bindings", "get_config.name = 'tiny_gemma1'"])
-  assert "get_config.name = 'tiny_gemma1'" in (tmp_path / "config.gin").read_text()
-  assert "3 layers" in capsys.readouterr().out
+def test_gin_files_resolve_by_path_or_shipped_name(tmp_path):
+  assert eva_main.resolve_gin_file("eva_gemma.gin") == os.path.join(eva_main.GIN_DIR,
+                                                                     "eva_gemma.gin")
+  assert eva_main.resolve_gin_file("losses/ipo.gin").endswith("losses/ipo.gin")
+  mine = tmp_path / "mine.gin"
+  mine.write_text("EvaConfig.num_rounds = 1\n")
+  assert eva_main.resolve_gin_file(str(mine)) == str(mine)
+  with pytest.raises(FileNotFoundError, match=r"--gin_file 'nope.gin' does not exist; pass a "
+                                              r"path .* or the name of a shipped one: ") as e:
+    eva_main.resolve_gin_file("nope.gin")
+  assert "eva_tiny.gin" in str(e.value) and "losses/dpo.gin" in str(e.value)
 
 
 def test_missing_gin_file_is_named(tmp_path):
@@ -29,9 +29,32 @@ def test_missing_gin_file_is_named(tmp_path):
     eva_main.main(["--gin_file", "nope.gin", "--workdir", str(tmp_path)])
 
 
-def test_module_entry_point_runs(tmp_path):
+def test_distributed_flags_go_together():
+  with pytest.raises(ValueError, match="go together"):
+    eva_main.main(["--coordinator_address", "127.0.0.1:1234"])
+
+
+def test_module_entry_point_runs_the_default_rounds(tmp_path):
+  """The README's second set-up command, as written (plus a workdir to look into)."""
   env = dict(os.environ, XLA_FLAGS="")
   proc = subprocess.run([sys.executable, "-m", "eva_jax.main", "--workdir", str(tmp_path)],
-                        capture_output=True, text=True, env=env, timeout=300)
-  assert proc.returncode == eva_main.LOOP_MISSING_EXIT, proc.stderr
-  assert "eva_jax: model" in proc.stdout
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "eva_jax: after round 2" in proc.stdout and "done, 2 rounds" in proc.stdout
+  evals = [line for line in metrics.read_metrics(tmp_path) if "eval/reward_mean" in line]
+  assert [e["round"] for e in evals] == [0, 1, 2]
+  assert "get_config.name = 'tiny'" in (tmp_path / "config.gin").read_text()
+
+
+@pytest.mark.parametrize("files", [["eva_gemma.gin"], ["eva_gemma.gin", "losses/simpo.gin"],
+                                   ["eva_gemma.gin", "eva_gemma_api_evolver.gin"]])
+def test_shipped_gin_files_parse_and_compose(files):
+  import gin  # pylint: disable=import-outside-toplevel
+  from eva_jax import loop  # pylint: disable=import-outside-toplevel  (registers configurables)
+  eva_main.load_gin(files, ["SOLVER = '/ckpt/gemma-2-9b-it'"])
+  cfg = loop.EvaConfig()
+  assert (cfg.num_samples, cfg.batch_size, cfg.epochs, cfg.max_length) == (6, 64, 2, 2048)
+  assert loop.InitialPolicy().path == "/ckpt/gemma-2-9b-it"
+  assert gin.query_parameter("get_loss_fn.name") == ("simpo" if "losses/simpo.gin" in files
+                                                     else "dpo")
+  gin.clear_config()

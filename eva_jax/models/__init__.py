@@ -5,6 +5,6 @@ from eva_jax.models.transformer import (Transformer, GemmaForSequenceClassificat
                                         cache_logical_axes)
 from eva_jax.models.tokenizer import (ByteTokenizer, SentencePieceTokenizer, Tokenizer,
                                       encode_batch, encode_chat, format_chat, get_tokenizer)
-from eva_jax.models.pretrained import from_pretrained
+from eva_jax.models.pretrained import from_pretrained, pretrained_config
 from eva_jax.models.hf_checkpoint import save_hf
 from eva_jax.models.official_checkpoint import save_official

@@ -89,6 +89,24 @@ def _tree_paths(tree, prefix=()):
     yield prefix, tree
 
 
+def pretrained_config(path: PathLike, *, config: Union[str, GemmaConfig, None] = None
+                      ) -> GemmaConfig:
+  """The model config of a checkpoint folder, without reading its weights (HF: from
+  config.json, or `config` when given; official: `config`, required as in `from_pretrained`).
+  """
+  fmt = detect_format(path)
+  if fmt == HF:
+    hf = hf_checkpoint.read_hf_config(path)
+    source = os.fspath(hf_checkpoint.as_path(path) / hf_checkpoint.CONFIG_FILE)
+    cfg, _ = hf_checkpoint.config_from_hf(hf, source)
+    return cfg if config is None else get_config(config).replace(num_labels=cfg.num_labels)
+  if config is None:
+    raise ValueError(
+        f"{os.fspath(path)} is an official Gemma Flax (Orbax) checkpoint, which carries no "
+        f"model config; pass its config, e.g. 'gemma2_2b' (one of {', '.join(config_names())}).")
+  return get_config(config)
+
+
 def from_pretrained(path: PathLike, *, config: Union[str, GemmaConfig, None] = None,
                     mesh: Optional[Mesh] = None, rules=None, param_dtype: Any = None,
                     dtype: Any = None, remat: str = "none") -> tuple[nn.Module, dict]:

@@ -4,88 +4,17 @@ null score, a 4xx) reported for exactly the failed items, with exact request cou
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, NamedTuple
 
 import gin
 import numpy as np
 import pytest
 
 from eva_jax.rewards import REWARDS, HTTPReward, RewardError, make_reward
+from eva_jax.testing.http_server import Reply, Server
 
 FAST = dict(backoff_s=0.01, backoff_max_s=0.05)
 HANG_S = 30.0  # how long a hanging handler would wait (it is released at teardown)
-
-
-class Reply(NamedTuple):
-  status: int = 200
-  body: Any = None  # JSON-encoded unless bytes
-  delay_s: float = 0.0
-
-
-class Server:
-  """A threaded HTTP server on 127.0.0.1 answering every POST with `reply(n, request_json)`
-  (n counts requests from 0); records request bodies and headers and the most requests it had
-  in flight at once (a request leaves that count before its reply is written)."""
-
-  def __init__(self, reply: Callable[[int, Any], Reply]):
-    self.reply = reply
-    self.lock = threading.Lock()
-    self.bodies: list[Any] = []
-    self.headers: list[dict] = []
-    self.in_flight = 0
-    self.max_in_flight = 0
-    self.released = threading.Event()
-    server = self
-
-    class Handler(BaseHTTPRequestHandler):
-
-      def do_POST(self):  # pylint: disable=invalid-name
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        with server.lock:
-          n = len(server.bodies)
-          server.bodies.append(body)
-          server.headers.append(dict(self.headers))
-          server.in_flight += 1
-          server.max_in_flight = max(server.max_in_flight, server.in_flight)
-        try:
-          reply = server.reply(n, body)
-          if reply.delay_s:
-            server.released.wait(reply.delay_s)
-        finally:
-          with server.lock:
-            server.in_flight -= 1
-        data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-        try:
-          self.send_response(reply.status)
-          self.send_header("Content-Type", "application/json")
-          self.send_header("Content-Length", str(len(data)))
-          self.end_headers()
-          self.wfile.write(data)
-        except OSError:  # the client timed out and closed the connection
-          pass
-
-      def log_message(self, *args):
-        del args
-
-    self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
-    self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-    self.thread.start()
-
-  @property
-  def count(self) -> int:
-    with self.lock:
-      return len(self.bodies)
-
-  def close(self):
-    self.released.set()
-    self.httpd.shutdown()
-    self.httpd.server_close()
-    self.thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -93,7 +22,7 @@ def serve():
   servers = []
 
   def start(reply):
-    servers.append(Server(reply))
+    servers.append(Server(reply, path="/score"))
     return servers[-1]
 
   yield start
@@ -136,7 +65,7 @@ def test_healthy_wire_format_and_scores(serve):
   np.testing.assert_array_equal(out.scores, expected_lengths(RESPONSES))
   assert out.num_failed == 0 and not out.reasons
   assert server.count == 3  # ceil(7 / 3) batches, one request each
-  batches = sorted(server.bodies, key=lambda b: b["items"][0]["response"])
+  batches = sorted([r.body for r in server.requests], key=lambda b: b["items"][0]["response"])
   assert [len(b["items"]) for b in batches] == [3, 3, 1]
   items = [it for b in batches for it in b["items"]]
   assert [it["response"] for it in items] == RESPONSES
@@ -148,7 +77,7 @@ def test_healthy_wire_format_and_scores(serve):
       {"role": "user", "content": "Be kind.\n\nhi"},
       {"role": "assistant", "content": "hello"},
       {"role": "user", "content": "the last question"}]
-  assert server.headers[0]["Content-Type"] == "application/json"
+  assert server.requests[0].headers["Content-Type"] == "application/json"
 
 
 def test_500_then_recovers(serve):
@@ -286,8 +215,8 @@ def test_api_key_header_and_extra_headers(serve, monkeypatch):
   server = serve(healthy)
   reward(server.url, headers={"X-Experiment": "e1"},
          api_key_env="EVA_TEST_REWARD_KEY").score(PROMPTS[:1], RESPONSES[:1])
-  assert server.headers[0]["Authorization"] == "Bearer secret-1"
-  assert server.headers[0]["X-Experiment"] == "e1"
+  assert server.requests[0].headers["Authorization"] == "Bearer secret-1"
+  assert server.requests[0].headers["X-Experiment"] == "e1"
   monkeypatch.delenv("EVA_TEST_REWARD_KEY")
   with pytest.raises(ValueError, match="HTTPReward: the environment variable "
                      "EVA_TEST_REWARD_KEY .* unset or empty"):
