@@ -31,3 +31,13 @@ def gcs_bucket():
   from eva_jax.testing.gcs import gcs_emulator  # pylint: disable=g-import-not-at-top
   with gcs_emulator() as bucket:
     yield bucket
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+  """Every test starts and ends with no gin bindings: a run's bindings (e.g. a model override)
+  must not leak into the configurables the next test calls."""
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  yield
+  gin.clear_config()
