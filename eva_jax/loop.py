@@ -42,11 +42,13 @@ import jax
 import numpy as np
 from etils import epath
 
-from eva_jax import checkpointing, metrics as metrics_lib, models, parallel, solver
+from eva_jax import checkpointing, metrics as metrics_lib, models, parallel, plots, solver
+# Registers the closed world's reward, evolver, prompt source and grouping by name.
+from eva_jax import closed_world  # pylint: disable=unused-import
 from eva_jax.creator import (LMEvolver, Parent, PromptBuffer, best_worst_pairs,
                              filter_children, informativeness, make_evolver, mix_pairs,
                              select_prompts)
-from eva_jax.data import load_train_and_heldout
+from eva_jax.data import initial_prompts, prompt_groups, resolve_builtin
 from eva_jax.models.tokenizer import cut_at_stop, encode_chat
 from eva_jax.preemption import Preempted, StopSignal, fault_point
 from eva_jax.rewards import make_reward
@@ -78,6 +80,8 @@ class EvaConfig:
       "uniform"); selection, evolvers, filters, pairs and the mix have their own gin
       configurables (`select_prompts`, `make_evolver`, `filter_children`, `best_worst_pairs`,
       `mix_pairs`).
+    evolve: evolve the selected prompts (False: an ablation where the selected prompts' own
+      pairs take the place of the children's, and no child is born).
     retain_fraction / retain: the share of the current set kept in the next one, and how
       ("random" or "informative").
     on_reward_failure: "auto" (skip and count failures of rewards whose failures are
@@ -89,6 +93,9 @@ class EvaConfig:
       batch of an epoch is completed with pairs from its start). The learning-rate schedule
       (`learning_rate_schedule`) spans the round's real number of steps, and the optimizer
       state starts afresh each round, as in the authors' code.
+    pairs_per_round: train on exactly this many pairs each round (the mix reshuffled and cut
+      or repeated to it), so that ablations compare at an equal training budget; None: the
+      mix as it comes.
     eval_num_samples / eval_temperature / eval_max_new_tokens: held-out sampling (the same
       seed every round, so rounds are compared on the same draws).
     max_to_keep: train checkpoints kept.
@@ -96,6 +103,10 @@ class EvaConfig:
       of training and when stopped).
     async_checkpointing: write train checkpoints in the background.
     summary_examples: evolved prompts shown beside their parents at the end of a round.
+    prompt_groups: a grouping registered in `eva_jax.data.PROMPT_GROUPS` (e.g. "closed_world":
+      level and task family): the held-out reward and informativeness are also reported per
+      group, and the end-of-round table shows the held-out reward per group of the first kind.
+    plots: write WORKDIR/plots/*.png after every round (needs matplotlib, the `plots` extra).
   """
 
   num_rounds: int = 2
@@ -109,12 +120,14 @@ class EvaConfig:
   sample_chunk: int = 1024
   reward_chunk: int = 512
   informativeness: str = "reward_gap"
+  evolve: bool = True
   retain_fraction: float = 0.0
   retain: str = "random"
   on_reward_failure: str = "auto"
   reference: str = "round_start"
   epochs: int = 2
   batch_size: int = 64
+  pairs_per_round: Optional[int] = None
   eval_num_samples: int = 1
   eval_temperature: float = 0.7
   eval_max_new_tokens: Optional[int] = None
@@ -122,6 +135,8 @@ class EvaConfig:
   save_every_steps: Optional[int] = None
   async_checkpointing: bool = True
   summary_examples: int = 3
+  prompt_groups: Optional[str] = None
+  plots: bool = True
 
   def __post_init__(self):
     checks = [
@@ -137,6 +152,8 @@ class EvaConfig:
         (self.eval_num_samples >= 1, "eval_num_samples must be >= 1"),
         (self.save_every_steps is None or self.save_every_steps >= 1,
          "save_every_steps must be None or >= 1"),
+        (self.pairs_per_round is None or self.pairs_per_round >= 1,
+         "pairs_per_round must be None or >= 1"),
     ]
     for ok, message in checks:
       if not ok:
@@ -162,7 +179,8 @@ class InitialPolicy:
     if path is not None and embedding_scale != 1.0:
       raise ValueError("InitialPolicy.embedding_scale applies to a random init only; "
                        "a checkpoint's weights are used as they are.")
-    self.path, self.config, self.embedding_scale = path, config, float(embedding_scale)
+    self.path = resolve_builtin(path)
+    self.config, self.embedding_scale = config, float(embedding_scale)
 
   def model_config(self):
     """The model's config (for a checkpoint: read without loading its weights)."""
@@ -259,6 +277,7 @@ class EvaRun:
     self.sampler = Sampler(self.policy, self.mesh, max_prompt_length=self.cfg.max_prompt_tokens,
                            truncation="left")
     self.reward = make_reward(mesh=self.mesh)
+    self.group_of = prompt_groups(self.cfg.prompt_groups)
     self.evolver = make_evolver()
     self._train_steps: dict[int, solver.TrainStep] = {}
     # The optimizer's state has the same structure whatever the schedule's length, so any
@@ -308,7 +327,7 @@ class EvaRun:
   def _start(self) -> None:
     """A fresh run: prompts, the starting policy (train checkpoint 0), round state 0."""
     self.writer.restore(0)
-    train, heldout = load_train_and_heldout(tokenizer=self.tokenizer)
+    train, heldout = initial_prompts(tokenizer=self.tokenizer)
     self.log(f"eva_jax: {len(train.examples)} training prompts, {len(heldout.examples)} "
              f"held-out; model {self.policy.config.num_params():,} params on mesh "
              f"{dict(self.mesh.shape)} ({jax.process_count()} process(es)); workdir "
@@ -370,7 +389,8 @@ class EvaRun:
     child_rewards = self.phase(t, "reward_children", lambda seed: self.score(
         child_convs, child_samples, "reward_children"))
     pairs = self.phase(t, "pairs", lambda seed: self.make_pairs(
-        (conversations, samples, rewards), (child_convs, child_samples, child_rewards), seed))
+        (conversations, samples, rewards), (child_convs, child_samples, child_rewards),
+        selected, seed))
     reference = self.phase(t, "reference", lambda seed: self.reference(pairs))
     self.phase(t, "train", lambda seed: self.train(t, {**pairs, **(reference or {})}, seed))
     self.phase(t, "evaluate", lambda seed: self.evaluate(t))
@@ -388,6 +408,9 @@ class EvaRun:
     fault_point(t, name)
     record = dict(record, **{f"time/{name}": time.perf_counter() - start})
     self.writer.log({"round": t, "phase": name, **record}, step=self.rs.train_step)
+    self.rs.phase_meta.setdefault("records", {})[name] = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in record.items() if isinstance(v, (int, float))}
     self._store_output(name, output)
     self.rs.done.append(name)
     self._save()
@@ -512,11 +535,28 @@ class EvaRun:
                      "info/zero_fraction": float(np.mean(finite == 0)),
                      "info/selected_mean": float(np.nanmean(info[picked])) if len(picked)
                      else float("nan")})
+    record.update(self._group_means("info", [r.text for r in current], info))
     return np.asarray(picked, np.int64), record
+
+  def _group_means(self, prefix: str, texts: Sequence[str], values) -> dict:
+    """{prefix/kind_label: mean of the finite values of that group} under `prompt_groups`."""
+    if self.group_of is None:
+      return {}
+    sums: dict[str, dict[str, list]] = {}  # kind -> label -> values, kinds in the fn's order
+    for text, v in zip(texts, np.asarray(values, np.float64)):
+      if not np.isfinite(v):
+        continue
+      for kind, label in self.group_of(text).items():
+        sums.setdefault(kind, {}).setdefault(str(label), []).append(v)
+    order = lambda label: (len(label), label)  # "2" before "10"
+    return {f"{prefix}/{kind}_{label}": float(np.mean(vs[label]))
+            for kind, vs in sums.items() for label in sorted(vs, key=order)}
 
   def evolve(self, parents_records, t: int, seed: int):
     """Children of the selected prompts, filtered; the kept ones join the buffer."""
     buf = self.rs.buffer
+    if not self.cfg.evolve:
+      return [], {"evolve/parents": len(parents_records), "evolve/kept": 0}
     if isinstance(self.evolver, LMEvolver):
       self.evolver.use_solver(self.policy, self.train_state.params, self.tokenizer, self.mesh)
     parents = [Parent(r.id, r.text) for r in parents_records]
@@ -535,27 +575,36 @@ class EvaRun:
       record["evolve/failure_example"] = result.failure_examples[0][:300]
     return ids, record
 
-  def make_pairs(self, fresh, evolved, seed: int):
-    """The round's training pairs (token arrays of `solver.make_pair_batch`) and their
-    provenance."""
+  def make_pairs(self, fresh, evolved, selected, seed: int):
+    """The round's training pairs (token arrays of `solver.make_pair_batch`), with each
+    pair's reward margin and whether it comes from the evolved (or, without evolution, the
+    selected) prompts."""
     cfg = self.cfg
     (f_convs, f_samples, f_rewards), (e_convs, e_samples, e_rewards) = fresh, evolved
     f_pairs, f_counts = best_worst_pairs(f_rewards)
-    e_pairs, e_counts = best_worst_pairs(e_rewards) if len(e_convs) else ([], {})
-    mixed, mix_counts = mix_pairs([("evolved", p) for p in e_pairs],
-                                  [("fresh", p) for p in f_pairs], seed=seed)
+    if cfg.evolve:
+      e_pairs, e_counts = best_worst_pairs(e_rewards) if len(e_convs) else ([], {})
+      pool = [(True, e_convs, e_samples, p) for p in e_pairs]
+    else:  # the ablation: the selected prompts' own pairs stand in for the children's
+      chosen = set(int(i) for i in selected)
+      pool = [(True, f_convs, f_samples, p) for p in f_pairs if p.prompt_index in chosen]
+      e_counts = {"pairs": len(pool)}
+    mixed, mix_counts = mix_pairs(pool, [(False, f_convs, f_samples, p) for p in f_pairs],
+                                  seed=seed)
+    if cfg.pairs_per_round is not None and mixed:
+      order = np.random.default_rng([seed, 1]).permutation(len(mixed))
+      mixed = [mixed[i] for i in np.resize(order, cfg.pairs_per_round)]
     record = {**{f"pairs/fresh_{k}": v for k, v in f_counts.items()},
-              **{f"pairs/evolved_{k}": v for k, v in e_counts.items()}, **mix_counts}
-    sets = {"fresh": (f_convs, f_samples), "evolved": (e_convs, e_samples)}
-    prompts, chosen, rejected, margins, source = [], [], [], [], []
-    for src, p in mixed:
-      convs, samples = sets[src]
+              **{f"pairs/evolved_{k}": v for k, v in e_counts.items()}, **mix_counts,
+              "pairs/train": len(mixed)}
+    prompts, chosen_r, rejected_r, margins, source = [], [], [], [], []
+    for from_pool, convs, samples, p in mixed:
       prompts.append(encode_chat(self.tokenizer, convs[p.prompt_index]))
-      chosen.append(samples.response(p.prompt_index, p.chosen))
-      rejected.append(samples.response(p.prompt_index, p.rejected))
+      chosen_r.append(samples.response(p.prompt_index, p.chosen))
+      rejected_r.append(samples.response(p.prompt_index, p.rejected))
       margins.append(p.chosen_reward - p.rejected_reward)
-      source.append(src == "evolved")
-    batch = solver.make_pair_batch(prompts, chosen, rejected, max_length=cfg.max_length,
+      source.append(from_pool)
+    batch = solver.make_pair_batch(prompts, chosen_r, rejected_r, max_length=cfg.max_length,
                                    max_prompt_length=cfg.max_prompt_tokens,
                                    pad_id=self.policy.config.pad_id)
     batch["reward_margin"] = np.asarray(margins, np.float32)
@@ -616,8 +665,10 @@ class EvaRun:
                           per_epoch * cfg.batch_size)
         rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rows_of_process]
         batch = step_fn.shard_batch({k: pairs[k][rows] for k in keys})
+        step_start = time.perf_counter()
         self.train_state, m = step_fn(self.train_state, batch)
         m = {k: float(v) for k, v in parallel.global_to_host(m).items()}
+        m["tokens_per_s"] = m["tokens"] / max(time.perf_counter() - step_start, 1e-9)
         self.rs.train_step += 1
         self.rs.train_progress = s + 1
         self.writer.log({"round": t, "step": self.rs.train_step, "epoch": epoch,
@@ -650,64 +701,71 @@ class EvaRun:
     base = self.rs.arrays["baseline/eval_rewards"]
     both = np.isfinite(rewards) & np.isfinite(base)
     wins = np.where(rewards > base, 1.0, np.where(rewards == base, 0.5, 0.0))
+    texts = [c[-1]["content"] for c in convs]
     record = {"eval/reward_mean": float(np.nanmean(rewards)) if np.isfinite(rewards).any()
               else float("nan"),
               "eval/win_rate": float(wins[both].mean()) if both.any() else float("nan"),
               "eval/length_mean": float(samples.lengths().mean()),
               "eval/stop_rate": float(samples.stopped.mean()),
-              "eval/prompts": len(convs), "eval/failed": rec["evaluate/failed"]}
+              "eval/prompts": len(convs), "eval/failed": rec["evaluate/failed"],
+              **self._group_means("eval/reward", texts, np.nanmean(rewards, axis=1))}
     return rewards, record
 
   # ================================================================ end of a round
 
   def finish_round(self, t: int, children: Sequence[str]) -> None:
-    """The next round's prompt set, the round's files and summary, then a save."""
+    """The round's files and summary, the next round's prompt set, then a save."""
     buf, cfg = self.rs.buffer, self.cfg
     record = {"round": t, "phase": "end"}
+    self.rs.history.append(self._round_summary(t))
     if t > 0:
       self._write_round_prompts(t, children)
       record.update(buf.next_round(children, retain_fraction=cfg.retain_fraction,
                                    retain=cfg.retain, seed=phase_seed(cfg.seed, t, "end")))
-    summary = self._round_summary(t, children)
-    self.rs.history.append(summary)
     self.writer.log(record, step=self.rs.train_step)
     self._print_summary(t, children)
     self._write_config()
     self.rs.start_round(t + 1)
     self._save()
+    if cfg.plots and self.is_chief:
+      plots.write_plots(self.workdir, self._log)
     if self.stop.requested():
       raise Preempted()
 
-  def _round_summary(self, t: int, children: Sequence[str]) -> dict:
-    ev = self.rs.arrays.get("evaluate")
-    selected = self.rs.arrays.get("select")
-    pairs = self._load_output("pairs") if "pairs" in self.rs.done else None
-    info = [r.informativeness for r in self.rs.buffer.active_records()
-            if r.informativeness is not None and r.round_scored == t]
-    base = self.rs.arrays.get("baseline/eval_rewards")
-    win = float("nan")
-    if ev is not None and base is not None:
-      both = np.isfinite(ev) & np.isfinite(base)
-      if both.any():
-        win = float(np.mean(np.where(ev[both] > base[both], 1.0,
-                                     np.where(ev[both] == base[both], 0.5, 0.0))))
-    return {"round": t,
-            "eval_reward": float(np.nanmean(ev)) if ev is not None and np.isfinite(ev).any()
-            else None,
-            "win_rate": None if math.isnan(win) else win,
-            "info_mean": float(np.mean(info)) if info else None,
-            "prompts": len(self.rs.buffer.active),
-            "selected": int(len(selected)) if selected is not None else 0,
-            "evolved": len(children),
-            "pairs": int(len(pairs["chosen_tokens"])) if pairs else 0}
+  # The end-of-round table: column -> the phase record value it shows.
+  _SUMMARY = (("eval reward", "eval/reward_mean"), ("win rate", "eval/win_rate"),
+              ("info", "info/mean"), ("prompts", "select/prompts"),
+              ("selected", "select/selected"), ("evolved", "evolve/kept"),
+              ("pairs", "pairs/train"), ("steps", "train/steps"))
+
+  def _round_summary(self, t: int) -> dict:
+    """The round's row of the end-of-round table, from its phase records."""
+    records = self.rs.phase_meta.get("records", {})
+    merged = {k: v for r in records.values() for k, v in r.items()}
+    row = {"round": t}
+    row.update({col: merged.get(key) for col, key in self._SUMMARY})
+    prefix = "eval/reward/"
+    kinds = [k[len(prefix):] for k in merged if k.startswith(prefix)]
+    if kinds:  # held-out reward per group of the first kind (e.g. per level)
+      first = kinds[0].split("_")[0]
+      row.update({k.split("_", 1)[1]: merged[prefix + k] for k in sorted(kinds)
+                  if k.split("_")[0] == first})
+      row["group_kind"] = first
+    return row
 
   def _print_summary(self, t: int, children: Sequence[str]) -> None:
     if not self.is_chief:
       return
-    keys = ["round", "eval_reward", "win_rate", "info_mean", "prompts", "selected", "evolved",
-            "pairs"]
-    rows = [[h.get(k) for k in keys] for h in self.rs.history]
-    text = metrics_lib.format_table(keys, rows, title=f"eva_jax: after round {t}")
+    history = self.rs.history
+    cols = ["round"] + [c for c, _ in self._SUMMARY[:2]]
+    groups = sorted({k for h in history for k in h if k not in cols and k != "group_kind"
+                     and k not in dict(self._SUMMARY)}, key=lambda g: (len(g), g))
+    kind = next((h["group_kind"] for h in history if "group_kind" in h), "")
+    headers = cols + [f"{kind} {g}" for g in groups] + [c for c, _ in self._SUMMARY[2:]]
+    rows = [[h.get(c) for c in cols] + [h.get(g) for g in groups] +
+            [h.get(c) for c, _ in self._SUMMARY[2:]] for h in history]
+    text = metrics_lib.format_table(headers, rows, title=f"eva_jax: after round {t} "
+                                    "(held-out reward; informativeness of the round's prompts)")
     buf = self.rs.buffer
     examples = [buf[c] for c in children[:self.cfg.summary_examples]]
     if examples:

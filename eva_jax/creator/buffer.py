@@ -23,6 +23,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from etils import epath
 
+from eva_jax.creator.informativeness import reward_statistics
+
 RETAIN_METHODS = ("random", "informative")
 
 _STAT_FIELDS = ("reward_mean", "reward_max", "reward_min", "reward_std", "informativeness")
@@ -154,7 +156,6 @@ class PromptBuffer:
   def update_statistics(self, ids: Sequence[str], rewards, info, round_index: int) -> None:
     """Records each prompt's latest reward statistics ([P, k] rewards, NaN ignored) and
     informativeness [P]."""
-    from eva_jax.creator.informativeness import reward_statistics  # pylint: disable=g-import-not-at-top
     stats = reward_statistics(rewards)
     info = np.asarray(info, np.float64)
     if len(ids) != len(info) or len(ids) != len(stats["num_scored"]):

@@ -126,3 +126,34 @@ def test_filters_drop_and_count_each_kind():
   assert counts == {"filter/empty": 1}
   with pytest.raises(ValueError, match="Unknown filter 'short'; known: duplicate, echo, empty"):
     filter_children(children, parent_texts=parents, filters=("short",))
+
+
+def test_chat_completions_evolver_parses_replies_and_counts_failures():
+  import re  # pylint: disable=import-outside-toplevel
+  from eva_jax.creator import ChatCompletionsEvolver  # pylint: disable=import-outside-toplevel
+  from eva_jax.testing.http_server import Reply, Server  # pylint: disable=import-outside-toplevel
+
+  def reply(n, body):
+    meta = body["messages"][0]["content"]
+    text = re.search(r"<prompt>\n(.*?)\n</prompt>", meta, re.S).group(1)
+    if text == "Say hi.":
+      return Reply(status=500, body={"error": "down"})
+    return Reply(body={"choices": [{"message": {"role": "assistant", "content":
+                                                f"Sure! Here is the new prompt:\n\n\"{text} "
+                                                f"Twice.\"\n\nThis version repeats it."}}]})
+
+  server = Server(reply, path="/v1/chat/completions")
+  try:
+    ev = ChatCompletionsEvolver(server.url[:-len("/chat/completions")], "m", num_children=2,
+                                max_retries=1, backoff_s=0.01, max_concurrency=2)
+    out = ev.evolve(PARENTS, seed=0)
+  finally:
+    server.close()
+  assert out.requests == 6 and out.failed == 2 and "500" in out.failure_examples[0]
+  texts = {c.parent_id: [] for c in out.children}
+  for c in out.children:
+    texts[c.parent_id].append(c.text)
+  # Chained: the second child rewrites the first (quotes, preamble and chatter stripped).
+  assert texts["r0-00000"] == ["Name a prime. Twice.", "Name a prime. Twice. Twice."]
+  assert "r0-00001" not in texts
+  assert server.count == 4 + 2 * 2  # 4 healthy requests, 2 failing ones tried twice

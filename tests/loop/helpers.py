@@ -20,19 +20,9 @@ from eva_jax.preemption import FAULT_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The default tiny run, made smaller: 2 layers, 16 training and 8 held-out prompts, k = 2,
-# 8 new tokens.
-FAST = [
-    "get_config.overrides = {'attention_types': ('local', 'global')}",
-    "load_prompts.limit = 24",
-    "load_train_and_heldout.heldout_count = 8",
-    "EvaConfig.num_samples = 2",
-    "EvaConfig.max_new_tokens = 8",
-    "EvaConfig.eval_max_new_tokens = 8",
-    "EvaConfig.max_prompt_tokens = 160",
-    "EvaConfig.max_length = 176",
-    "Sampler.prompt_length_buckets = [160]",
-]
+# The machinery's smoke configuration (a random 2-layer tiny model, 16 training and 8
+# held-out instructions, k = 2, 8 new tokens): every loop test runs it.
+GIN_FILES = ["eva_smoke.gin"]
 
 
 def load(name: str):
@@ -44,11 +34,12 @@ def load(name: str):
   return module
 
 
-def args_for(workdir, bindings: Sequence[str] = (), gin_files: Sequence[str] = ()) -> list[str]:
+def args_for(workdir, bindings: Sequence[str] = (),
+             gin_files: Sequence[str] = tuple(GIN_FILES)) -> list[str]:
   out = ["--workdir", str(workdir)]
   for f in gin_files:
     out += ["--gin_file", f]
-  for b in list(FAST) + list(bindings):
+  for b in bindings:
     out += ["--gin_bindings", b]
   return out
 

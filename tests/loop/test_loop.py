@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from eva_jax import checkpointing, metrics
+from eva_jax import checkpointing, metrics, solver
 from eva_jax.loop import ConfigMismatchError, PHASES
 from eva_jax.preemption import SimulatedCrash
 
@@ -29,6 +29,13 @@ def test_two_rounds_write_metrics_checkpoints_config_and_prompts(reference_run):
   train = [line for line in lines if "train/loss" in line]
   assert train and all(np.isfinite(t["train/loss"]) for t in train)
   assert [t["step"] for t in train] == list(range(1, len(train) + 1))
+  # Each round's learning-rate schedule spans that round's real number of steps.
+  for r in (1, 2):
+    rates = [t["train/learning_rate"] for t in train if t["round"] == r]
+    schedule = solver.learning_rate_schedule(learning_rate=1e-4, warmup_ratio=0.0,
+                                             total_steps=len(rates))
+    np.testing.assert_allclose(rates, [float(schedule(i)) for i in range(len(rates))],
+                               rtol=1e-5)
   assert any(line.get("evolve/kept", 0) > 0 for line in lines)
 
   config = (reference_run / "config.gin").read_text()
@@ -114,3 +121,14 @@ def test_a_nan_reward_names_the_prompt_and_loses_nothing(tmp_path):
   saved.close()
   assert meta["round"] == 1 and meta["done"] == ["sample"]  # what was finished is kept
   assert H.run_here(tmp_path, ["ProgrammaticReward.fn = 'nan_on_40th'"]) == 0
+
+
+def test_reference_can_be_the_initial_policy(reference_run, tmp_path):
+  """With reference="initial", round 2's reference log-probs come from the starting policy,
+  not from round 1's trained one (round 1 starts from the starting policy: the same)."""
+  assert H.run_here(tmp_path, ["EvaConfig.reference = 'initial'"]) == 0
+  def ref(workdir, r):
+    return next(line["reference/chosen_logp_mean"] for line in metrics.read_metrics(workdir)
+                if line.get("phase") == "reference" and line["round"] == r)
+  assert ref(tmp_path, 1) == ref(reference_run, 1)
+  assert ref(tmp_path, 2) != ref(reference_run, 2)
