@@ -34,16 +34,25 @@ def test_distributed_flags_go_together():
     eva_main.main(["--coordinator_address", "127.0.0.1:1234"])
 
 
-def test_module_entry_point_runs_the_default_rounds(tmp_path):
-  """The README's second set-up command, as written (plus a workdir to look into)."""
+def test_module_entry_point_runs_the_default_config(tmp_path):
+  """The README's second set-up command (one short round instead of the default's three, and
+  a workdir to look into): the closed world from the shipped warm-started solver."""
   env = dict(os.environ, XLA_FLAGS="")
-  proc = subprocess.run([sys.executable, "-m", "eva_jax.main", "--workdir", str(tmp_path)],
+  proc = subprocess.run([sys.executable, "-m", "eva_jax.main", "--workdir", str(tmp_path),
+                         "--gin_bindings", "EvaConfig.num_rounds = 1"],
                         capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "eva_jax: after round 2" in proc.stdout and "done, 2 rounds" in proc.stdout
+  assert "eva_jax: after round 1" in proc.stdout and "done, 1 rounds" in proc.stdout
+  assert "level 6" in proc.stdout and "evolved prompts beside their parents" in proc.stdout
   evals = [line for line in metrics.read_metrics(tmp_path) if "eval/reward_mean" in line]
-  assert [e["round"] for e in evals] == [0, 1, 2]
-  assert "get_config.name = 'tiny'" in (tmp_path / "config.gin").read_text()
+  assert [e["round"] for e in evals] == [0, 1]
+  assert all(f"eval/reward/level_{k}" in evals[0] for k in range(1, 7))
+  # The shipped solver has partial competence: easy levels solved, hard ones not.
+  assert evals[0]["eval/reward/level_1"] > 0.9 > evals[0]["eval/reward/level_6"]
+  assert "InitialPolicy.path = 'builtin:closed_world_solver'" in (
+      tmp_path / "config.gin").read_text()
+  assert sorted(os.listdir(tmp_path / "plots")) == ["heldout_reward.png",
+                                                    "informativeness.png"]
 
 
 @pytest.mark.parametrize("files", [["eva_gemma.gin"], ["eva_gemma.gin", "losses/simpo.gin"],
