@@ -297,6 +297,80 @@ def _dedup_key(text: str, context: Iterable[Mapping[str, str]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Keeping prompts
+
+
+class PromptCollector:
+  """Keeps prompts as `load_prompts` does, whatever they are read from: drops empty ones,
+  duplicates and those longer than `max_prompt_tokens`, counts what it drops (`STAT_KEYS`),
+  and stops at `limit`. Other prompt sources (seqio, TFDS) feed it too."""
+
+  def __init__(self, *, tokenizer: Optional[Tokenizer] = None,
+               max_prompt_tokens: Optional[int] = None, drop_duplicates: bool = True,
+               limit: Optional[int] = None, metadata_keys: Sequence[str] = ()):
+    self.tokenizer = tokenizer
+    self.max_prompt_tokens = max_prompt_tokens
+    self.drop_duplicates = drop_duplicates
+    self.limit = limit
+    self.metadata_keys = ((metadata_keys,) if isinstance(metadata_keys, str)
+                          else tuple(metadata_keys))
+    self.stats = dict.fromkeys(STAT_KEYS, 0)
+    self.examples: list[PromptExample] = []
+    self._seen: set[str] = set()
+    self._meta_seen: set[str] = set()
+
+  @property
+  def full(self) -> bool:
+    """Whether `limit` prompts are kept (read no further)."""
+    return self.limit is not None and len(self.examples) >= self.limit
+
+  def add(self, where: str, text: str, context: tuple = (),
+          metadata: Optional[Mapping[str, Any]] = None) -> bool:
+    """Counts one record read; keeps its prompt unless dropped. Returns whether kept."""
+    self.stats["read"] += 1
+    meta = dict(metadata or {})
+    self._meta_seen.update(meta)
+    if not text.strip():
+      self.stats["dropped_empty"] += 1
+      return False
+    if self.drop_duplicates:
+      dedup = _dedup_key(text, context)
+      if dedup in self._seen:
+        self.stats["dropped_duplicate"] += 1
+        return False
+      self._seen.add(dedup)
+    example = PromptExample(text=text, context=context, source=where, metadata=meta)
+    if self.max_prompt_tokens is not None and len(
+        encode_chat(self.tokenizer, example.conversation())) > self.max_prompt_tokens:
+      self.stats["dropped_too_long"] += 1
+      return False
+    self.examples.append(example)
+    return True
+
+  def finish(self, read_from: list[str], *, who: str, metadata_hint: str) -> PromptSet:
+    """The kept prompts as a `PromptSet` (`files`: `read_from`).
+
+    Raises:
+      PromptFileError: a metadata key was in no record, or no prompt is left (the counts are
+        given); messages start with `who`, and a missing metadata key's ends with
+        `metadata_hint`.
+    """
+    stats = dict(self.stats, kept=len(self.examples))
+    missing = [k for k in self.metadata_keys if k not in self._meta_seen]
+    if missing:
+      raise PromptFileError(f"{who}: metadata key(s) {missing} are in no record of "
+                            f"{read_from}; {metadata_hint}.")
+    if not self.examples:
+      too_long = ("" if self.max_prompt_tokens is None else
+                  f", {stats['dropped_too_long']} longer than max_prompt_tokens="
+                  f"{self.max_prompt_tokens} (raise it)")
+      raise PromptFileError(
+          f"{who}: no prompt left in {read_from}: read {stats['read']}, dropped "
+          f"{stats['dropped_empty']} empty, {stats['dropped_duplicate']} duplicate{too_long}.")
+    return PromptSet(examples=list(self.examples), stats=stats, files=list(read_from))
+
+
+# --------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -355,14 +429,13 @@ def load_prompts(paths: Union[PathLike, Sequence[PathLike]] = gin.REQUIRED, *,
   tok = get_tokenizer(tokenizer) if tokenizer is not None else None
 
   files = expand_paths(paths)
-  stats = dict.fromkeys(STAT_KEYS, 0)
-  examples: list[PromptExample] = []
-  seen: set[str] = set()
-  meta_seen: set[str] = set()
+  keep = PromptCollector(tokenizer=tok, max_prompt_tokens=max_prompt_tokens,
+                         drop_duplicates=drop_duplicates, limit=limit,
+                         metadata_keys=metadata_keys)
   read_files: list[str] = []
   wanted = [c for c in (messages_key, key) if c is not None] + list(metadata_keys)
   for path in files:
-    if limit is not None and len(examples) >= limit:
+    if keep.full:
       break
     fmt = _format_of(path, format)
     records = _parquet_records(path, wanted) if fmt == PARQUET else _jsonl_records(path)
@@ -370,42 +443,15 @@ def load_prompts(paths: Union[PathLike, Sequence[PathLike]] = gin.REQUIRED, *,
     in_file = 0
     for where, record in records:
       in_file += 1
-      stats["read"] += 1
       text, context = _prompt_of(record, key, messages_key, where)
-      meta = _metadata_of(record, metadata_keys, where)
-      meta_seen.update(meta)
-      if not text.strip():
-        stats["dropped_empty"] += 1
-        continue
-      if drop_duplicates:
-        dedup = _dedup_key(text, context)
-        if dedup in seen:
-          stats["dropped_duplicate"] += 1
-          continue
-        seen.add(dedup)
-      example = PromptExample(text=text, context=context, source=where, metadata=meta)
-      if max_prompt_tokens is not None and len(
-          encode_chat(tok, example.conversation())) > max_prompt_tokens:
-        stats["dropped_too_long"] += 1
-        continue
-      examples.append(example)
-      if limit is not None and len(examples) >= limit:
+      keep.add(where, text, context, _metadata_of(record, keep.metadata_keys, where))
+      if keep.full:
         break
     if in_file == 0:
       raise PromptFileError(f"{path}: the prompt file holds no records; fill it, or leave it "
                             "out of load_prompts.paths.")
-  stats["kept"] = len(examples)
-  missing = [k for k in metadata_keys if k not in meta_seen]
-  if missing:
-    raise PromptFileError(f"load_prompts: metadata key(s) {missing} are in no record of "
-                          f"{read_files}; check load_prompts.metadata_keys.")
-  if not examples:
-    too_long = ("" if max_prompt_tokens is None else f", {stats['dropped_too_long']} longer "
-                f"than max_prompt_tokens={max_prompt_tokens} (raise it)")
-    raise PromptFileError(
-        f"load_prompts: no prompt left in {read_files}: read {stats['read']}, dropped "
-        f"{stats['dropped_empty']} empty, {stats['dropped_duplicate']} duplicate{too_long}.")
-  return PromptSet(examples=examples, stats=stats, files=read_files)
+  return keep.finish(read_files, who="load_prompts",
+                     metadata_hint="check load_prompts.metadata_keys")
 
 
 def _rank(example: Union[PromptExample, str], seed: int) -> bytes:
@@ -500,9 +546,16 @@ def load_train_and_heldout(train_paths: Union[PathLike, Sequence[PathLike]] = gi
     raise ValueError("load_train_and_heldout: no held-out prompts; pass heldout_paths, or "
                      "heldout_fraction / heldout_count to split them off the training prompts.")
   kwargs = {} if tokenizer is None else {"tokenizer": tokenizer}
-  full = load_prompts(train_paths, **kwargs)
-  train, heldout = split_heldout(full, fraction=heldout_fraction, count=heldout_count,
-                                 seed=seed)
+  return split_prompt_set(load_prompts(train_paths, **kwargs), fraction=heldout_fraction,
+                          count=heldout_count, seed=seed)
+
+
+def split_prompt_set(full: PromptSet, *, fraction: Optional[float] = None,
+                     count: Optional[int] = None, seed: int = 0) -> tuple[PromptSet, PromptSet]:
+  """`split_heldout` on a `PromptSet`: (train, heldout) `PromptSet`s. `train.stats` are
+  `full`'s counts with "kept" the training prompts and "held_out" the others; `heldout.stats`
+  count the held-out prompts as read and kept."""
+  train, heldout = split_heldout(full, fraction=fraction, count=count, seed=seed)
   heldout_stats = {**dict.fromkeys(STAT_KEYS, 0), "read": len(heldout), "kept": len(heldout)}
   return (PromptSet(train, {**full.stats, "kept": len(train), "held_out": len(heldout)},
                     list(full.files)),

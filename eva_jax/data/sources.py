@@ -2,7 +2,9 @@
 
 `initial_prompts()` (gin: `initial_prompts.source`) returns the run's (training, held-out)
 `PromptSet`s from a registered source: "files" (`load_train_and_heldout`: JSONL / Parquet
-files) or a generator such as the closed world's ("closed_world"). Sources register with
+files), "seqio" / "tfds" (`seqio_prompts` / `tfds_prompts` in eva_jax.data.seqio_tfds: a seqio
+Task or Mixture, a TFDS dataset; the `seqio` extra) or a generator such as the closed world's
+("closed_world"). Sources register with
 `PROMPT_SOURCES.register(name, fn)`; `fn(tokenizer=...)` returns the two sets.
 
 `PROMPT_GROUPS` holds functions from a prompt's text to its groups, e.g.
