@@ -12,7 +12,8 @@ run and exits 0; the same command resumes it.
 
 Several processes (one per host of a TPU pod or GPU cluster) run the same command; on TPU
 pods `jax.distributed.initialize()` finds its peers by itself, elsewhere pass
---coordinator_address, --num_processes and --process_id (or set JAX's environment variables).
+--coordinator_address, --num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import os
 import sys
 import tempfile
+from typing import Optional
 
 import gin
 
@@ -45,6 +47,11 @@ def parse_args(argv):
                       help="multi-process runs off TPU: host:port of process 0")
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                      help="auto: join peers given by the flags above, by JAX_COORDINATOR_"
+                      "ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or found by JAX itself on "
+                      "a Cloud TPU VM, a SLURM or an Open MPI launch; on: always call "
+                      "jax.distributed.initialize(); off: one process")
   return parser.parse_args(argv)
 
 
@@ -69,22 +76,73 @@ def load_gin(files, bindings) -> None:
   gin.parse_config_files_and_bindings(files, bindings)
 
 
-def initialize_distributed(args) -> None:
-  """Joins the other processes of a multi-process run (nothing to do with one process)."""
-  import jax  # pylint: disable=import-outside-toplevel
+def _on_cloud_tpu_vm() -> bool:
+  try:
+    from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm  # pylint: disable=import-outside-toplevel
+    return bool(running_in_cloud_tpu_vm)
+  except ImportError:  # a JAX that moved it: fall back on the TPU device files
+    return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0"))
+
+
+def distributed_arguments(args, environ=None) -> Optional[dict]:
+  """The arguments of `jax.distributed.initialize` for this launch, or None for one process.
+
+  In order: the three flags (all or none); JAX's environment variables
+  (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and JAX_PROCESS_ID or else what JAX's
+  cluster detection finds); a Cloud TPU VM, a SLURM
+  job step or an Open MPI launch of several tasks, where JAX finds its peers by itself (no
+  arguments). `--distributed=off` runs one process whatever the environment says.
+  """
+  environ = os.environ if environ is None else environ
+  if args.distributed == "off":
+    return None
   explicit = [args.coordinator_address, args.num_processes, args.process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise ValueError("--coordinator_address, --num_processes and --process_id go together; "
                        "pass all three (or none: TPU pods find their peers by themselves).")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+    if not 0 <= args.process_id < args.num_processes:
+      raise ValueError(f"--process_id={args.process_id} must be in [0, --num_processes="
+                       f"{args.num_processes}).")
+    return dict(coordinator_address=args.coordinator_address,
+                num_processes=args.num_processes, process_id=args.process_id)
+  if environ.get("JAX_COORDINATOR_ADDRESS"):
+    if environ.get("JAX_NUM_PROCESSES") and environ.get("JAX_PROCESS_ID"):
+      return dict(coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(environ["JAX_NUM_PROCESSES"]),
+                  process_id=int(environ["JAX_PROCESS_ID"]))
+    return {}  # JAX reads the address itself and asks its cluster detection for the rest
+  several = lambda key: int(environ.get(key, "1") or 1) > 1
+  if (args.distributed == "on" or _on_cloud_tpu_vm() or several("SLURM_NTASKS")
+      or several("OMPI_COMM_WORLD_SIZE")):
+    return {}
+  return None
+
+
+def initialize_distributed(args) -> None:
+  """Joins the other processes of a multi-process run (nothing to do with one process)."""
+  kwargs = distributed_arguments(args)
+  if kwargs is not None:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize(**kwargs)
+
+
+# Device files of the accelerators JAX drives (TPU: accel or vfio; NVIDIA; AMD ROCm).
+_ACCELERATOR_FILES = ("/dev/accel0", "/dev/vfio/0", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
+
+
+def default_platforms(environ=None) -> None:
+  """JAX_PLATFORMS=cpu on a machine with no accelerator, unless the user set it: with libtpu
+  installed (the `aot` extra, for the TPU fit check) JAX would otherwise spend seconds looking
+  for a TPU and print libtpu's warnings at every start."""
+  environ = os.environ if environ is None else environ
+  if "JAX_PLATFORMS" not in environ and not any(os.path.exists(f) for f in _ACCELERATOR_FILES):
+    environ["JAX_PLATFORMS"] = "cpu"
 
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  default_platforms()
   initialize_distributed(args)
   # Importing the loop registers every configurable before gin parses.
   from eva_jax import loop  # pylint: disable=import-outside-toplevel

@@ -67,3 +67,52 @@ def test_shipped_gin_files_parse_and_compose(files):
   assert gin.query_parameter("get_loss_fn.name") == ("simpo" if "losses/simpo.gin" in files
                                                      else "dpo")
   gin.clear_config()
+
+
+def _launch(*argv):
+  return eva_main.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv, environ, want", [
+    ((), {}, None),  # one process
+    (("--coordinator_address=h:1", "--num_processes=2", "--process_id=1"), {},
+     dict(coordinator_address="h:1", num_processes=2, process_id=1)),
+    ((), {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
+     dict(coordinator_address="h:2", num_processes=4, process_id=3)),
+    ((), {"JAX_COORDINATOR_ADDRESS": "h:2"}, {}),  # JAX finds the rest itself
+    ((), {"SLURM_NTASKS": "8"}, {}), ((), {"OMPI_COMM_WORLD_SIZE": "2"}, {}),
+    ((), {"SLURM_NTASKS": "1"}, None),
+    (("--distributed=on",), {}, {}),
+    (("--distributed=off",), {"SLURM_NTASKS": "8"}, None),
+])
+def test_how_a_launch_joins_its_peers(monkeypatch, argv, environ, want):
+  monkeypatch.setattr(eva_main, "_on_cloud_tpu_vm", lambda: False)
+  assert eva_main.distributed_arguments(_launch(*argv), environ) == want
+
+
+def test_a_cloud_tpu_vm_lets_jax_find_its_peers(monkeypatch):
+  monkeypatch.setattr(eva_main, "_on_cloud_tpu_vm", lambda: True)
+  assert eva_main.distributed_arguments(_launch(), {}) == {}
+
+
+@pytest.mark.parametrize("argv, words", [
+    (("--coordinator_address=h:1", "--num_processes=2"), "go together"),
+    (("--coordinator_address=h:1", "--num_processes=2", "--process_id=2"),
+     r"--process_id=2 must be in \[0, --num_processes=2\)")])
+def test_incomplete_process_flags_are_refused(argv, words):
+  with pytest.raises(ValueError, match=words):
+    eva_main.distributed_arguments(_launch(*argv), {})
+
+
+def test_no_accelerator_means_the_cpu_unless_the_user_chose(monkeypatch):
+  monkeypatch.setattr(eva_main.os.path, "exists", lambda p: False)
+  environ = {}
+  eva_main.default_platforms(environ)
+  assert environ == {"JAX_PLATFORMS": "cpu"}
+  environ = {"JAX_PLATFORMS": "cuda"}
+  eva_main.default_platforms(environ)
+  assert environ == {"JAX_PLATFORMS": "cuda"}
+  monkeypatch.setattr(eva_main.os.path, "exists", lambda p: p == "/dev/nvidia0")
+  environ = {}
+  eva_main.default_platforms(environ)
+  assert environ == {}

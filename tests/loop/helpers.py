@@ -70,6 +70,38 @@ def run_subprocess(workdir, bindings: Sequence[str] = (), fault: Optional[str] =
                         capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
+def run_cli_processes(workdir, num_processes: int = 2, devices_per_process: int = 2,
+                      bindings: Sequence[str] = (), fault: Optional[str] = None,
+                      timeout: float = 600) -> list:
+  """`python -m eva_jax.main --coordinator_address=... --num_processes=N --process_id=i` in N
+  processes on 127.0.0.1, as the hosts of a pod would run it; returns their CompletedProcess-
+  like (returncode, stdout) in process order. `fault` goes to every process (a preemption
+  takes the whole slice)."""
+  from eva_jax.testing.multiprocess import free_port  # pylint: disable=import-outside-toplevel
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", FAULT_ENV)}
+  env.update(EVA_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  if fault:
+    env[FAULT_ENV] = fault
+  address = f"127.0.0.1:{free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "eva_jax.main", *args_for(workdir, bindings),
+       f"--coordinator_address={address}", f"--num_processes={num_processes}",
+       f"--process_id={pid}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=env, cwd=REPO) for pid in range(num_processes)]
+  out = []
+  try:
+    for p in procs:
+      stdout, _ = p.communicate(timeout=timeout)
+      out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return out
+
+
 def comparable_metrics(workdir) -> list[dict]:
   """metrics.jsonl without what depends on the clock."""
   return [{k: v for k, v in line.items() if not (k.startswith("time/") or
