@@ -19,7 +19,27 @@ the prefill (which the roofline leaves out), so the fraction is a lower bound fo
 loop. `kv_bytes_per_step_attended` is what this implementation reads: it attends over the
 whole static cache (prompt bucket + max_new_tokens slots) every step.
 
-Prints one JSON object; also writes it to $OUT/sampler_<config>.json when OUT is set.
+Token selection alone (`--top_p_bench`, or `--top_p_bench_only` to skip the model): compiles
+and times one decode step's `sample_tokens` (temperature, top-p, Gumbel-max) on float32
+[batch * num_samples, vocab] logits of a random-weight-like spread (near-flat: the nucleus is
+most of the vocabulary, the worst case) for each of `--top_p_bench_methods` and, for the
+threshold search, each of `--top_p_bench_bits`; reports compile_s, run_s (median) and whether
+the compiled program holds a sort op, under the key `top_p_bench`.
+
+    python benchmarks/sampler.py --config gemma2_2b --batch 256 --top_p_bench_only \
+        --top_p_bench_methods threshold,sort --top_p_bench_bits 2,3,4
+
+Compile only (`--aot_compile_only`): compiles the sampler's whole program (prefill + decode
+loop, top-p on, no top-k) from abstract shapes, with no weights or KV cache allocated, for each
+of `--top_p_bench_methods`; reports compile_s and the sort and while ops in the compiled
+program (e.g. the gemma2_2b program on a CPU-only machine):
+
+    python benchmarks/sampler.py --config gemma2_2b --batch 256 --prompt_len 256 \
+        --max_new_tokens 256 --aot_compile_only --top_p_bench_methods threshold,sort
+
+Prints one JSON object; also writes it to $OUT/sampler_<config>.json when OUT is set
+(sampler_top_p_<config>.json for --top_p_bench_only, sampler_aot_<config>.json for
+--aot_compile_only).
 """
 
 from __future__ import annotations
@@ -38,11 +58,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from eva_jax import parallel  # noqa: E402
-from eva_jax.models import Transformer, get_config  # noqa: E402
+from eva_jax.models import Transformer, get_config, init_cache  # noqa: E402
 from eva_jax.models.config import LOCAL  # noqa: E402
-from eva_jax.sampler import Sampler  # noqa: E402
+from eva_jax.sampler import Sampler, sampling  # noqa: E402
 
 # Seen on one H200 (2026-11-26), batch 256, prompt 256, 256 new tokens (shared/bench/README).
 TUNIX_ANCHOR = {"new_tokens_per_s": 13_900, "first_call_s": 36.0, "device": "H200"}
@@ -95,6 +116,80 @@ def cache_relayouts(sampler, rows: int, length: int, cfg) -> int:
   return sum(count_loop_relayouts(p.as_text(), shape) for p in sampler._programs.values())
 
 
+_SORT_OP = re.compile(r"\ssort\(")
+
+
+def top_p_bench(rows: int, vocab: int, methods, bits_list, top_p: float, temperature: float,
+                top_k, iters: int) -> list:
+  """compile_s / run_s of one step's token selection per top-p method (and bits)."""
+  logits = jax.random.normal(jax.random.key(0), (rows, vocab), jnp.float32) * 0.5
+  keys = jax.random.split(jax.random.key(1), rows)
+  results = []
+  for method in methods:
+    for bits in (bits_list if method == "threshold" else [None]):
+      def select(keys, logits, temperature, top_p, method=method, bits=bits):
+        if bits is not None:  # sample_tokens' steps, with `bits` passed to the search
+          scaled = logits / temperature
+          keep = None if top_k is None else sampling.top_k_mask(scaled, top_k)
+          keep = sampling.nucleus_mask_threshold(scaled, top_p, keep, bits=bits)
+          gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
+          return jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + gumbel, -1).astype(jnp.int32)
+        return sampling.sample_tokens(keys, logits, greedy=False, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, use_top_p=True,
+                                      top_p_method=method)
+      start = time.perf_counter()
+      compiled = jax.jit(select).lower(keys, logits, jnp.float32(temperature),
+                                       jnp.float32(top_p)).compile()
+      compile_s = time.perf_counter() - start
+      args = (keys, logits, jnp.float32(temperature), jnp.float32(top_p))
+      compiled(*args).block_until_ready()
+      times = []
+      for _ in range(max(1, iters)):
+        start = time.perf_counter()
+        compiled(*args).block_until_ready()
+        times.append(time.perf_counter() - start)
+      results.append(dict(method=method, bits=bits, compile_s=compile_s,
+                          run_s=statistics.median(times), run_s_all=times,
+                          has_sort=bool(_SORT_OP.search(compiled.as_text()))))
+      print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+  return results
+
+
+def aot_compile(model, mesh, args, methods) -> list:
+  """Compiles the sampler's program per top-p method from ShapeDtypeStructs (nothing
+  allocated): the arguments `Sampler._run_chunk` passes, abstract."""
+  cfg = model.config
+  rows, p_len = args.batch * args.num_samples, args.prompt_len
+  length = p_len + args.max_new_tokens
+  abstract = lambda tree, shardings: jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  example = jnp.ones((1, 8), jnp.int32)
+  _, shapes = parallel.params_logical_axes(model, example)
+  params = abstract(shapes, parallel.params_shardings(model, mesh, None, example))
+  batch = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, P()))
+  out = []
+  for method in methods:
+    sampler = Sampler(model, mesh, max_prompt_length=p_len, prompt_length_buckets=[p_len],
+                      max_batch_rows=rows, top_p_method=method)
+    cache = abstract(jax.eval_shape(lambda: init_cache(cfg, rows, length, sampler.cache_dtype)),
+                     sampler.cache_shardings(rows, length))
+    call_args = (params, cache, batch((args.batch, p_len), jnp.int32),
+                 batch((args.batch, p_len), jnp.bool_), batch((args.batch,), jnp.int32),
+                 batch((args.batch,), jnp.bool_), batch((args.batch, 4), jnp.int32),
+                 scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32))
+    statics = dict(num_samples=args.num_samples, max_new=args.max_new_tokens, greedy=False,
+                   top_k=args.top_k or None, use_top_p=args.top_p < 1)
+    start = time.perf_counter()
+    hlo = sampler._compile(call_args, statics, rows, length).as_text()
+    out.append(dict(method=method, compile_s=time.perf_counter() - start,
+                    sort_ops=len(_SORT_OP.findall(hlo)),
+                    while_ops=len(re.findall(r"\swhile\(", hlo))))
+    print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+  return out
+
+
 def roofline(cfg, weight_bytes: int, rows: int, prompt_len: int, max_new: int,
              cache_bytes: int, bandwidth: float) -> dict:
   per_slot_layer = 2 * cfg.num_kv_heads * cfg.head_dim * cache_bytes  # k and v
@@ -123,7 +218,8 @@ def main(argv=None):
   ap.add_argument("--temperature", type=float, default=0.7)
   ap.add_argument("--top_p", type=float, default=0.9)
   ap.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
-  ap.add_argument("--top_p_method", default="radix", choices=("radix", "sort"))
+  ap.add_argument("--top_p_method", default=sampling.DEFAULT_TOP_P_METHOD,
+                  choices=sampling.TOP_P_METHODS)
   ap.add_argument("--dtype", default="bfloat16", help="params, activations and KV cache")
   ap.add_argument("--iters", type=int, default=3, help="timed calls after the first")
   ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel size of the mesh")
@@ -134,9 +230,57 @@ def main(argv=None):
                   help="HBM bandwidth in GB/s (0: measure it)")
   ap.add_argument("--bandwidth_probe_mib", type=int, default=0,
                   help="bytes of the bandwidth probe (0: 2048 on accelerators, 256 on CPU)")
+  ap.add_argument("--top_p_bench", action="store_true",
+                  help="also time token selection alone per top-p method (key top_p_bench)")
+  ap.add_argument("--top_p_bench_only", action="store_true",
+                  help="only that: no model, no sampler")
+  ap.add_argument("--top_p_bench_methods", default="threshold,sort",
+                  help="comma-separated top-p methods to time (radix: slow to compile on GPU)")
+  ap.add_argument("--aot_compile_only", action="store_true",
+                  help="only compile the sampler's program per --top_p_bench_methods, from "
+                       "abstract shapes (no weights or cache allocated)")
+  ap.add_argument("--top_p_bench_bits", default=str(sampling.THRESHOLD_BITS),
+                  help="comma-separated bits per pass to time for the threshold method")
   args = ap.parse_args(argv)
 
   cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.dtype)
+  rows = args.batch * args.num_samples
+  methods = [m for m in args.top_p_bench_methods.split(",") if m]
+  for m in methods:
+    if m not in sampling.TOP_P_METHODS:
+      ap.error(f"--top_p_bench_methods: {m!r} is not one of {sampling.TOP_P_METHODS}")
+  if args.aot_compile_only:
+    model = Transformer(cfg)
+    mesh = parallel.create_mesh({"data": -1, "tensor": args.tensor})
+    result = dict(benchmark="sampler_aot", config=args.config,
+                  device=jax.devices()[0].device_kind, num_devices=len(jax.devices()),
+                  jax=jax.__version__, dtype=args.dtype, batch=args.batch,
+                  num_samples=args.num_samples, prompt_len=args.prompt_len,
+                  max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                  top_k=args.top_k or None, compiled=aot_compile(model, mesh, args, methods))
+    text = json.dumps(result)
+    print(text, flush=True)
+    if os.environ.get("OUT"):
+      with open(os.path.join(os.environ["OUT"], f"sampler_aot_{args.config}.json"), "w") as f:
+        f.write(text + "\n")
+    return result
+  bench = {}
+  if args.top_p_bench or args.top_p_bench_only:
+    bench = dict(top_p_bench=top_p_bench(
+        rows, cfg.vocab_size, methods, [int(b) for b in args.top_p_bench_bits.split(",") if b],
+        args.top_p, args.temperature or 1.0, args.top_k or None, max(1, args.iters)))
+  if args.top_p_bench_only:
+    result = dict(benchmark="sampler_top_p", config=args.config,
+                  device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows,
+                  vocab=cfg.vocab_size, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k or None, **bench)
+    text = json.dumps(result)
+    print(text, flush=True)
+    if os.environ.get("OUT"):
+      with open(os.path.join(os.environ["OUT"], f"sampler_top_p_{args.config}.json"), "w") as f:
+        f.write(text + "\n")
+    return result
+
   model = Transformer(cfg)
   mesh = parallel.create_mesh({"data": -1, "tensor": args.tensor})
   t0 = time.perf_counter()
@@ -146,7 +290,6 @@ def main(argv=None):
   init_s = time.perf_counter() - t0
   weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
 
-  rows = args.batch * args.num_samples
   sampler = Sampler(model, mesh, max_prompt_length=args.prompt_len,
                     prompt_length_buckets=[args.prompt_len], max_batch_rows=rows,
                     top_p_method=args.top_p_method)
@@ -209,7 +352,7 @@ def main(argv=None):
       peak_bytes_in_use=stats.get("peak_bytes_in_use"),
       num_compilations=sampler.num_compilations,
       cache_relayouts=cache_relayouts(sampler, rows, args.prompt_len + args.max_new_tokens, cfg),
-      tunix_anchor=TUNIX_ANCHOR,
+      tunix_anchor=TUNIX_ANCHOR, **bench,
       vs_tunix_anchor=(tokens_per_s / TUNIX_ANCHOR["new_tokens_per_s"]
                        if (args.config, args.batch, args.prompt_len, args.max_new_tokens,
                            args.num_samples) == ("gemma2_2b", 256, 256, 256, 1) else None))

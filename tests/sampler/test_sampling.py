@@ -1,55 +1,191 @@
-"""Token selection: the exact nucleus without a sort, top-k, greedy, and sampling statistics."""
+"""Token selection: the exact nucleus without a sort (every top-p method against float64 and
+against each other), top-k, greedy, sampling statistics, and no sort in the sampler's program."""
+
+import functools
+import importlib.util
+import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eva_jax.sampler import sampling
+from eva_jax.sampler import Sampler, sampling
+
+_spec = importlib.util.spec_from_file_location(
+    "sampler_tests_reference", os.path.join(os.path.dirname(__file__), "reference.py"))
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)
 
 
 def _keys(n, seed=0):
   return jax.random.split(jax.random.key(seed), n)
 
 
+METHODS = {"threshold": sampling.nucleus_mask_threshold, "radix": sampling.nucleus_mask_radix,
+           "sort": sampling.nucleus_mask_sort}
+_JIT = {name: jax.jit(fn) for name, fn in METHODS.items()}  # top_p traced: one compile a shape
+TOP_PS = (1e-6, 0.05, 0.5, 0.9, 0.999999, 1.0)
+# A token may land on either side of the boundary only if the float64 mass before its tie group
+# is this close to top_p: float32 sums of up to 256k probabilities (the sort's cumsum and the
+# threshold search's blocked sums both stay below ~1e-6 here).
+MARGIN = 2e-6
+
+
 def _nucleus64(logits, top_p, keep=None):
-  """float64 reference nucleus and, per token, how far its mass-before is from top_p."""
-  z = np.where(keep, logits, -np.inf) if keep is not None else logits.astype(np.float64)
+  """float64 nucleus of float32 logits, and per token |mass before its tie group - top_p|.
+
+  Tokens with equal logits form one group (all in or all out); top_p is rounded to float32 as
+  the device sees it. Rows with nothing finite are kept whole (& keep), like the sort.
+  """
+  z = np.where(keep, logits, -np.inf) if keep is not None else logits
+  z = z.astype(np.float64)
+  top_p = float(np.float32(top_p))
   out = np.zeros(z.shape, bool)
   margin = np.full(z.shape, np.inf)
   for r in range(z.shape[0]):
+    if not np.any(np.isfinite(z[r])):
+      out[r] = True
+      continue
     p = np.exp(z[r] - z[r].max())
     p /= p.sum()
-    order = np.argsort(-z[r], kind="stable")
-    before = np.cumsum(p[order]) - p[order]
-    last = np.sum(before < top_p) - 1
-    out[r] = z[r] >= z[r, order[last]]
-    margin[r, order] = np.abs(before - top_p)
-  return out, margin
+    values, group = np.unique(-z[r], return_inverse=True)  # groups, largest logit first
+    mass = np.bincount(group, weights=p, minlength=len(values))
+    before = np.cumsum(mass) - mass
+    out[r] = (before < top_p)[group]
+    margin[r] = np.abs(before - top_p)[group]
+  return (out & keep if keep is not None else out), margin
 
 
-@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
-@pytest.mark.parametrize("with_top_k", [False, True])
-def test_radix_nucleus_equals_float64_reference(top_p, with_top_k):
-  rng = np.random.default_rng(int(top_p * 100) + with_top_k)
-  scale = rng.uniform(0.05, 8.0, size=(48, 1))
-  logits = (rng.normal(size=(48, 384)) * scale).astype(np.float32)
-  logits[:4, :10] = logits[:4, :1]  # ties at the top
-  logits[4:8, 100:] = -np.inf  # masked tokens
-  keep = np.asarray(sampling.top_k_mask(jnp.asarray(logits), 30)) if with_top_k else None
-  radix = np.asarray(sampling.nucleus_mask_radix(jnp.asarray(logits), top_p,
-                                                 None if keep is None else jnp.asarray(keep)))
-  sort = np.asarray(sampling.nucleus_mask_sort(jnp.asarray(logits), top_p,
-                                               None if keep is None else jnp.asarray(keep)))
-  want, margin = _nucleus64(logits, top_p, keep)
-  # Only a token whose mass-before lies within float32 rounding of top_p may differ.
-  for got in (radix, sort):
-    differ = got != want
-    assert np.all(margin[differ] < 1e-5), margin[differ]
-  assert np.mean(radix == want) > 0.999
-  assert radix.sum(-1).min() >= 1  # never empty
-  if keep is not None:
-    assert not np.any(radix & ~keep)
+def _check_nucleus(logits, keep=None, top_ps=TOP_PS, methods=tuple(METHODS)):
+  """Every method against float64 (and the threshold search against the sort) at each top_p:
+  equal except for tokens within MARGIN of the boundary. Returns how many tokens differed
+  from the sort, per top_p, for the threshold search."""
+  logits = np.asarray(logits, np.float32)
+  jkeep = None if keep is None else jnp.asarray(keep)
+  differ = {}
+  for top_p in top_ps:
+    want, margin = _nucleus64(logits, top_p, keep)
+    got = {name: np.asarray(_JIT[name](jnp.asarray(logits), jnp.float32(top_p), jkeep))
+           for name in methods}
+    for name, mask in got.items():
+      bad = (mask != want) & (margin >= MARGIN)
+      assert not bad.any(), (name, top_p, np.argwhere(bad)[:5], margin[mask != want].max())
+      if keep is not None:
+        assert not np.any(mask & ~keep), (name, top_p)
+      assert np.all(mask.sum(-1) >= 1) or keep is not None, (name, top_p)  # never empty
+    if "threshold" in got and "sort" in got:
+      split = got["threshold"] != got["sort"]
+      assert not np.any(split & (margin >= MARGIN)), (top_p, margin[split].max())
+      differ[top_p] = int(split.sum())
+  return differ
+
+
+def _random_logits(rng, rows, vocab):
+  scale = rng.uniform(0.05, 8.0, size=(rows, 1))
+  return (rng.normal(size=(rows, vocab)) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(48, 384), (7, 1000), (5, 257), (3, 1), (2, 2)])
+def test_nucleus_equals_float64_reference_and_sort(shape):
+  rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+  logits = _random_logits(rng, *shape)
+  if shape[1] >= 20:
+    logits[:4, :10] = logits[:4, :1]  # ties at the top
+    logits[4:6, 5:] = -np.inf  # masked tokens
+  _check_nucleus(logits)
+
+
+def test_nucleus_with_a_top_k_keep_mask_and_whole_masked_rows():
+  rng = np.random.default_rng(1)
+  logits = _random_logits(rng, 12, 384)
+  logits[0] = -np.inf  # nothing finite: the whole row (& keep), as the sort does
+  logits[1, 7:] = -np.inf
+  keep = np.array(sampling.top_k_mask(jnp.asarray(logits), 30))
+  keep[2] = False  # a row top-k left nothing of: stays empty
+  _check_nucleus(logits, keep)
+  _check_nucleus(logits)
+
+
+def test_nucleus_ties_at_the_boundary():
+  rng = np.random.default_rng(2)
+  # Few distinct values: every boundary is a tie group, often a large one.
+  many_ties = rng.integers(-3, 4, size=(16, 500)).astype(np.float32)
+  # Uniform rows: one group holding the whole vocabulary; a single distinct token on top.
+  flat = np.zeros((4, 300), np.float32)
+  flat[1, 17] = 0.5
+  flat[2, :150] = 1.0
+  flat[3, ::3] = -1e-7  # distinct logits whose exp rounds to the same float32 (radix: tied)
+  _check_nucleus(many_ties)
+  _check_nucleus(flat, methods=("threshold", "sort"))
+  # A group of equal logits straddling top_p: in whole, though its last members are not needed.
+  four = np.array([[2.0, 1.0, 1.0, 1.0, 1.0, -np.inf]], np.float32)
+  for fn in METHODS.values():
+    np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(four), 0.6))[0],
+                                  [True] * 5 + [False])
+    np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(four), 0.2))[0],
+                                  [True] + [False] * 5)
+
+
+def test_nucleus_extreme_logits():
+  rng = np.random.default_rng(3)
+  base = rng.normal(size=(6, 400)).astype(np.float32)
+  rows = np.stack([
+      base[0] * 1e4,  # one dominant token (everything else exp()s to 0)
+      base[1] * 1e-6,  # near-uniform: the nucleus is almost the whole vocabulary
+      base[2] + 1e30,  # huge offset: all tie in float32
+      base[3] * 3e37,  # near the float32 range, l - max overflows to -inf
+      # Tiny positive logits (distinct, but exp() of them all rounds to 1: the old radix
+      # would tie them) and zeros of both signs. (Denormals are left out: XLA flushes them to
+      # zero in comparisons, for every method alike.)
+      np.where(base[4] > 0, base[4] * 1e-30, base[4]),
+      np.where(base[5] > 1.5, 40.0, -40.0),  # two levels, 80 apart
+  ]).astype(np.float32)
+  rows[4, :3] = [0.0, -0.0, 0.0]
+  _check_nucleus(rows, methods=("threshold", "sort"))
+
+
+def test_nucleus_bf16_origin_logits():
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(_random_logits(rng, 16, 2000)).astype(jnp.bfloat16)
+  # bf16 keeps 8 bits of mantissa: thousands of exact ties, as from a bf16 unembedding.
+  _check_nucleus(np.asarray(logits.astype(jnp.float32)))
+
+
+def test_nucleus_full_gemma_vocabulary_row():
+  rng = np.random.default_rng(5)
+  vocab = 256000
+  logits = np.stack([rng.normal(size=vocab) * 0.3,  # random weights: near-flat, the worst case
+                     rng.normal(size=vocab) * 3.0]).astype(np.float32)
+  differ = _check_nucleus(logits, top_ps=(1e-6, 0.5, 0.9, 0.999999, 1.0),
+                          methods=("threshold", "sort"))
+  # The near-flat row's nucleus at 0.9 holds ~90% of the vocabulary; both agree outright there.
+  assert differ[0.5] == 0 and differ[0.9] <= 2, differ
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 6])
+def test_threshold_bits_per_pass(bits):
+  rng = np.random.default_rng(6)
+  logits = _random_logits(rng, 8, 999)
+  logits[:2, :50] = np.round(logits[:2, :50])
+  fn = jax.jit(functools.partial(sampling.nucleus_mask_threshold, bits=bits))
+  for top_p in (1e-6, 0.5, 0.9, 0.999999):
+    want, margin = _nucleus64(logits, top_p)
+    got = np.asarray(fn(jnp.asarray(logits), jnp.float32(top_p)))
+    assert not np.any((got != want) & (margin >= MARGIN)), (bits, top_p)
+  with pytest.raises(ValueError, match="bits=9"):
+    sampling.nucleus_mask_threshold(jnp.asarray(logits), 0.5, bits=9)
+
+
+def test_threshold_top_p_per_row():
+  rng = np.random.default_rng(7)
+  logits = np.tile(rng.normal(size=(1, 300)).astype(np.float32), (4, 1))  # one row, 4 top_p
+  top_p = np.array([0.1, 0.5, 0.9, 0.99], np.float32)
+  got = np.asarray(_JIT["threshold"](jnp.asarray(logits), jnp.asarray(top_p)))
+  want = np.asarray(_JIT["sort"](jnp.asarray(logits), jnp.asarray(top_p)))
+  np.testing.assert_array_equal(got, want)
+  assert len(set(got.sum(-1))) == 4  # four different nuclei
 
 
 def test_top_k_mask_keeps_k_and_ties():
@@ -115,6 +251,30 @@ def test_validate_rejects_bad_settings():
     sampling.validate(1.0, 0, 1.0, 10)
   with pytest.raises(ValueError, match="top_p=1.5"):
     sampling.validate(1.0, None, 1.5, 10)
+  assert sampling.DEFAULT_TOP_P_METHOD == "threshold" and set(sampling.TOP_P_METHODS) == set(
+      METHODS)
   with pytest.raises(ValueError, match="top_p_method='heap'"):
     sampling.filter_mask(jnp.zeros((1, 4)), None, 0.5, True, "heap")
   sampling.validate(0.0, 10, 1.0, 10)
+
+
+_SORT_OP = re.compile(r"\ssort\(")
+
+
+@pytest.mark.parametrize("method", ["threshold", "sort"])
+def test_decode_program_sorts_only_with_the_sort_method(method):
+  """The sampler's compiled program (prefill + decode loop) with top-p on and no top-k: the
+  default method leaves no sort op in it; the sort method's has one (so the check can fail)."""
+  model, mesh, params = ref.load_sibling("mp_targets").build("tiny", num_devices=1)
+  sampler = Sampler(model, mesh, top_p_method=method) if method != "threshold" else Sampler(
+      model, mesh)  # the default
+  assert sampler.top_p_method == method
+  prompts = [[2, 5, 9, 11], [2, 7]]
+  out = sampler.sample(params, prompts, max_new_tokens=6, temperature=0.8, top_p=0.85,
+                       top_k=None, stop_tokens=[])
+  assert [len(s.tokens) for per in out for s in per] == [6, 6]
+  (program,) = sampler._programs.values()
+  hlo = program.as_text()
+  # The decode loop, and in it the threshold search's own loop over bit groups.
+  assert len(re.findall(r"\swhile\(", hlo)) >= (2 if method == "threshold" else 1)
+  assert bool(_SORT_OP.search(hlo)) == (method == "sort")
