@@ -21,6 +21,11 @@ Reported:
                     `compiled_memory_gib` (XLA's buffer assignment: arguments + outputs +
                     temporaries - aliased) and `host_max_rss_gib` stand in
 `--aot_only` compiles from shapes alone (nothing allocated) and reports the compiled memory.
+With `--aot_only`, `compile_s` is tracing + lowering + XLA compilation and `lower_s` the
+first two (without it both also include building the state and the batch);
+`compile_cpu_s` is the process's CPU time over the same span (steadier on a shared machine).
+`--scan_layers` / `--no-scan_layers` overrides the config's `scan_layers` (the layers as one
+`nn.scan`: one block, or one Gemma 2 (local, global) pair, compiled once).
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--loss", default="dpo")
   p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_all"])
+  p.add_argument("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
+                 help="scan over layers (one block / Gemma 2 pair compiled once); default: "
+                      "the config's `scan_layers`")
   p.add_argument("--compute_dtype", default="bfloat16")
   p.add_argument("--param_dtype", default="float32")
   p.add_argument("--state_dtype", default="float32", help="Adam moments' dtype")
@@ -124,7 +132,7 @@ def main(argv=None):
   cfg = get_config(args.config)
   mesh = parallel.create_mesh(json.loads(args.mesh))
   model = make_policy_model(cfg, remat=args.remat, compute_dtype=args.compute_dtype,
-                            param_dtype=args.param_dtype)
+                            param_dtype=args.param_dtype, scan_layers=args.scan_layers)
   opt = make_optimizer(5e-7, state_dtype=args.state_dtype)
   loss_fn = get_loss_fn(args.loss)
   step = TrainStep(model, opt, loss_fn, mesh, num_microbatches=args.microbatches,
@@ -136,14 +144,15 @@ def main(argv=None):
   flops = 6.0 * n_params * tokens + 2 * args.pairs * attention_flops_per_sequence(cfg, length)
   result = dict(bench="eva_jax_train_step", config=args.config, loss=args.loss,
                 pairs=args.pairs, length=length, tokens_per_step=tokens, params=n_params,
-                remat=args.remat, compute_dtype=args.compute_dtype,
+                remat=args.remat, scan_layers=model.config.scan_layers,
+                compute_dtype=args.compute_dtype,
                 param_dtype=args.param_dtype, state_dtype=args.state_dtype,
                 microbatches=args.microbatches, chunk_size=args.chunk_size,
                 mesh=dict(mesh.shape), backend=jax.default_backend(),
                 device=str(jax.devices()[0].device_kind), device_count=jax.device_count(),
                 jax=jax.__version__)
 
-  t0 = time.perf_counter()
+  t0, cpu0 = time.perf_counter(), time.process_time()
   if args.aot_only:
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=step.batch_shardings[k])
              for k, v in host_batch.items() if k in step.keys}
@@ -153,8 +162,13 @@ def main(argv=None):
   else:
     state = create_train_state(model, opt, jax.random.key(0), mesh)
     batch = step.shard_batch(host_batch)
-  compiled = step.lower(state, batch).compile()
+  lowered = step.lower(state, batch)
+  result["lower_s"] = time.perf_counter() - t0
+  compiled = lowered.compile()
   result["compile_s"] = time.perf_counter() - t0
+  # CPU seconds of this process (all threads) over the same span: steadier than wall time on
+  # a shared machine.
+  result["compile_cpu_s"] = time.process_time() - cpu0
   result["compiled_memory_gib"], result["compiled_temp_gib"] = compiled_memory_gib(compiled)
   if args.aot_only:
     print(json.dumps(result), flush=True)

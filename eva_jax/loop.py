@@ -199,7 +199,9 @@ class InitialPolicy:
         params["embedder"]["input_embedding"] = (
             table * np.asarray(self.embedding_scale, table.dtype))
       return params
-    _, params = models.from_pretrained(self.path, config=self.config, mesh=mesh)
+    # A scanned policy (`scan_layers`) takes the checkpoint's layers stacked.
+    _, params = models.from_pretrained(self.path, config=self.config, mesh=mesh,
+                                       scan_layers=model.config.scan_layers)
     return params
 
 

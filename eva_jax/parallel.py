@@ -5,10 +5,11 @@ Conventions (t5x / MaxText style):
 * A mesh has the axes `data`, `fsdp`, `tensor`. `mesh_shape` gives their sizes; one may be -1
   ("the rest of the devices").
 * Every parameter and activation carries logical axis names (`batch, length, embed, mlp,
-  heads, kv_heads, head_dim, vocab, cache_length`); `logical_axis_rules` maps them onto mesh
-  axes. Rules are tried in order and a mesh axis is used at most once per array, so an
-  activation [batch, length, embed] gets batch -> (data, fsdp) and leaves embed replicated,
-  while a weight [vocab, embed] gets embed -> fsdp.
+  heads, kv_heads, head_dim, vocab, cache_length`, and `layers` for the stacked dimension of
+  scanned layers); `logical_axis_rules` maps them onto mesh axes. Rules are tried in order
+  and a mesh axis is used at most once per array, so an activation [batch, length, embed]
+  gets batch -> (data, fsdp) and leaves embed replicated, while a weight [vocab, embed] gets
+  embed -> fsdp.
 * Shardings are shape-aware: a mesh axis that does not divide a dimension is dropped for that
   dimension (e.g. one kv head under tensor=2 stays replicated) instead of failing to compile.
 * Host code sees numpy. `host_to_global` turns each process's slice of a batch into one global
@@ -43,6 +44,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("cache_length", None),
     ("head_dim", None),
+    # The stacked leading dimension of scanned layers (params and KV cache): never split, each
+    # device holds every layer's share of its shard (`GemmaConfig.scan_layers`).
+    ("layers", None),
 )
 
 

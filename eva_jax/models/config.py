@@ -47,6 +47,11 @@ class GemmaConfig:
     param_dtype: dtype params are initialised in.
     pad_id / bos_id / eos_id: special ids (Gemma's: 0, 2, 1).
     num_labels: output width of the sequence-classification head (1 for a reward model).
+    scan_layers: build the layers as one `nn.scan` over a repeating unit of blocks (one
+      block for Gemma 1, a (local, global) pair for Gemma 2), so XLA compiles a unit once
+      instead of every layer; layers past the last whole unit (an odd Gemma 2 depth) stay
+      unrolled. Same math; the param tree and KV cache are stacked (see
+      `transformer.stack_layers`); checkpoints on disk keep the per-layer tree.
   """
 
   vocab_size: int = 256
@@ -70,6 +75,7 @@ class GemmaConfig:
   eos_id: int = 1
   bos_id: int = 2
   num_labels: int = 1
+  scan_layers: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "attention_types", tuple(self.attention_types))

@@ -671,7 +671,8 @@ def save_hf(path: PathLike, model_or_config: Any, params: Mapping, architecture:
   Args:
     path: output folder (local or `gs://`); created if missing, files in it are overwritten.
     model_or_config: a `Transformer` / `GemmaForSequenceClassification` or a GemmaConfig.
-    params: the model's params (jax arrays, sharded or not, or numpy).
+    params: the model's params (jax arrays, sharded or not, or numpy); a scanned model's
+      stacked tree is written as the per-layer one, one layer at a time.
     architecture: HF architecture name; default from the model (classifier or causal LM) and
       the config (Gemma 2 if it has post norms or sliding windows).
     max_shard_bytes: largest safetensors file; more bytes than this -> shards plus
@@ -701,8 +702,8 @@ def save_hf(path: PathLike, model_or_config: Any, params: Mapping, architecture:
   entries = []  # (hf name, dtype, shape, leaf number)
   for li, m in enumerate(maps):
     try:
-      leaf = _get(params, m.path)
-    except (KeyError, TypeError) as e:
+      leaf = transformer.get_layer_param(params, config, m.path)
+    except (KeyError, TypeError, IndexError) as e:
       raise ValueError(f"save_hf: params have no {'/'.join(m.path)}, which a "
                        f"{architecture} with this config needs.") from e
     if tuple(leaf.shape) != m.shape:
@@ -742,7 +743,9 @@ def save_hf(path: PathLike, model_or_config: Any, params: Mapping, architecture:
       if li not in cached:
         cached.clear()
         m = maps[li]
-        cached[li] = dict(zip(m.hf_names, m.to_hf(_to_host(_get(params, m.path)))))
+        # A scanned model's stacked leaf is sliced on its devices: one layer on the host.
+        cached[li] = dict(zip(m.hf_names, m.to_hf(_to_host(
+            transformer.get_layer_param(params, config, m.path)))))
       if writer:
         data = np.ascontiguousarray(cached[li][name])
         handle.write(memoryview(data.reshape(-1).view(np.uint8)))  # no extra copy

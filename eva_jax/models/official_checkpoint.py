@@ -37,6 +37,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from eva_jax import parallel
+from eva_jax.models import transformer
 from eva_jax.models.config import GemmaConfig
 
 PathLike = Union[str, os.PathLike]
@@ -395,6 +396,7 @@ def to_official(params: Mapping, config: GemmaConfig, *, fused_qkv: Optional[boo
   """Our params -> the official NESTED tree (jax arrays; shardings follow the inputs).
 
   Args:
+    params: our params, per layer or stacked (a scanned model's; unstacked here).
     fused_qkv: write `qkv_einsum` [3, N, D, H]; default: when K == N, as gemma does.
     transposed_gating: write the gate as [2, F, D] (Gemma 2 9B / 27B).
     vocab_rows: pad the embedding with zero rows to this many (256128 for released sizes).
@@ -402,6 +404,8 @@ def to_official(params: Mapping, config: GemmaConfig, *, fused_qkv: Optional[boo
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   cfg = config
   params = nn.unbox(params)
+  if transformer.is_stacked(params):  # a scanned model's params: the per-layer tree
+    params = transformer.unstack_layers(params, cfg)
   fused = cfg.num_kv_heads == cfg.num_heads if fused_qkv is None else fused_qkv
   if fused and cfg.num_kv_heads != cfg.num_heads:
     raise ValueError(f"to_official: a fused qkv_einsum needs num_kv_heads == num_heads, got "
@@ -475,7 +479,7 @@ def save_official(path: PathLike, params: Mapping, config: GemmaConfig, *, layou
 
   Args:
     path: the checkpoint folder (must not exist unless `force`).
-    params: our params (jax or numpy arrays).
+    params: our params (jax or numpy arrays; a scanned model's stacked tree is unstacked).
     config: the model's config.
     layout: one of "flat", "nested", "stacked", "kauldron".
     fused_qkv / transposed_gating / vocab_rows: see `to_official`.

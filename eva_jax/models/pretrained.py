@@ -13,10 +13,19 @@ Params are built directly in their shardings: each HF tensor is memory-mapped an
 device's shard is read from the map by `jax.make_array_from_callback` (so each host reads only
 what its devices hold); official checkpoints are restored by Orbax into shardings. Nothing
 builds the whole model on one device first.
+
+Scanned models (`scan_layers=True`, see `transformer.stack_layers`): checkpoints hold the
+per-layer tree, and the stacked params are built as directly. HF: each device's shard of a
+stacked leaf [R, ...] is read from the R layers' memory maps (`_StackedLeaf`), so nothing but
+the final stacked arrays is ever placed. Official: Orbax restores the per-layer arrays into
+their shardings, then each leaf is stacked by a jitted function whose output has the stacked
+param's sharding and its R inputs are freed at once: the peak is the model plus one stacked
+leaf (e.g. every layer's MLP gate), never a second model.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Mapping, Optional, Union
 
@@ -27,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eva_jax import parallel
-from eva_jax.models import hf_checkpoint, official_checkpoint
+from eva_jax.models import hf_checkpoint, official_checkpoint, transformer
 from eva_jax.models.config import GemmaConfig, config_names, get_config
 from eva_jax.models.transformer import GemmaForSequenceClassification, Transformer
 
@@ -89,6 +98,61 @@ def _tree_paths(tree, prefix=()):
     yield prefix, tree
 
 
+class _StackedLeaf(hf_checkpoint.Stacked):
+  """A stacked param [R, ...] as lazy views of its R per-layer leaves (read per shard)."""
+
+  def release(self):
+    for part in self.parts:
+      part.release()
+
+
+def _scanned_leaves(leaves: Mapping[tuple, Any], config: GemmaConfig) -> dict[tuple, Any]:
+  """{unrolled path: lazy leaf} -> {scanned path: lazy (stacked) leaf}."""
+  out: dict[tuple, Any] = {}
+  groups: dict[tuple, dict[int, Any]] = {}
+  for path, leaf in leaves.items():
+    if not path[0].startswith("layer_"):
+      out[path] = leaf
+      continue
+    prefix, index = transformer.scanned_location(config, int(path[0][len("layer_"):]))
+    if index is None:
+      out[prefix + path[1:]] = leaf
+    else:
+      groups.setdefault(prefix + path[1:], {})[index] = leaf
+  for path, parts in groups.items():
+    out[path] = _StackedLeaf([parts[r] for r in range(len(parts))])
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _stack_fn(out_sharding):
+  return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=out_sharding)
+
+
+def _stack_on_devices(params: dict, config: GemmaConfig, shardings: Mapping) -> dict:
+  """Unrolled params (jax arrays, any sharding) -> the stacked tree in `shardings`, leaf by
+  leaf, each leaf's per-layer arrays deleted as soon as it is stacked."""
+  out: dict = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  groups: dict[tuple, dict[int, jax.Array]] = {}
+  for path, leaf in _tree_paths(params):
+    if not path[0].startswith("layer_"):
+      continue
+    prefix, index = transformer.scanned_location(config, int(path[0][len("layer_"):]))
+    if index is None:
+      _tree_set(out, prefix + path[1:], leaf)
+    else:
+      groups.setdefault(prefix + path[1:], {})[index] = leaf
+  for path, parts in groups.items():
+    sharding = shardings
+    for key in path:
+      sharding = sharding[key]
+    xs = [parts[r] for r in range(len(parts))]
+    _tree_set(out, path, _stack_fn(sharding)(*xs))
+    for x in xs:
+      x.delete()
+  return out
+
+
 def pretrained_config(path: PathLike, *, config: Union[str, GemmaConfig, None] = None
                       ) -> GemmaConfig:
   """The model config of a checkpoint folder, without reading its weights (HF: from
@@ -109,7 +173,8 @@ def pretrained_config(path: PathLike, *, config: Union[str, GemmaConfig, None] =
 
 def from_pretrained(path: PathLike, *, config: Union[str, GemmaConfig, None] = None,
                     mesh: Optional[Mesh] = None, rules=None, param_dtype: Any = None,
-                    dtype: Any = None, remat: str = "none") -> tuple[nn.Module, dict]:
+                    dtype: Any = None, remat: str = "none",
+                    scan_layers: Optional[bool] = None) -> tuple[nn.Module, dict]:
   """Loads a Gemma checkpoint (HF or official Flax) as (model, params).
 
   `model.apply({"params": params}, input_ids[B, T] int32)` gives float32 logits [B, T, V] (a
@@ -126,6 +191,10 @@ def from_pretrained(path: PathLike, *, config: Union[str, GemmaConfig, None] = N
     dtype: compute dtype of the model; default: official: the config's `dtype`; HF: the
       params' dtype (float32 checkpoints compute in float32, bfloat16 ones in bfloat16).
     remat: rematerialisation policy of the model ("none", "full", "dots", "dots_all").
+    scan_layers: build a scanned model (`GemmaConfig.scan_layers`) and return its stacked
+      params (`transformer.stack_layers` of the checkpoint's tree, placed directly; see the
+      module docstring); None: the config's own setting (from `config` when given, else
+      off).
 
   Returns:
     (Transformer or GemmaForSequenceClassification, params placed in the mesh's shardings).
@@ -152,6 +221,10 @@ def from_pretrained(path: PathLike, *, config: Union[str, GemmaConfig, None] = N
     leaves, stored = hf_checkpoint.hf_leaves(ckpt, cfg, classifier)
     pdtype = _dtype_name(param_dtype or stored)
     cfg = cfg.replace(param_dtype=pdtype, dtype=_dtype_name(dtype or pdtype))
+    if scan_layers is not None:
+      cfg = cfg.replace(scan_layers=bool(scan_layers))
+    if cfg.scan_layers:
+      leaves = _scanned_leaves(leaves, cfg)
     model_cls = GemmaForSequenceClassification if classifier else Transformer
     model = model_cls(cfg, remat=remat)
     shardings = parallel.params_shardings(model, mesh, rules, example)
@@ -172,9 +245,17 @@ def from_pretrained(path: PathLike, *, config: Union[str, GemmaConfig, None] = N
     cfg = cfg.replace(dtype=_dtype_name(dtype))
   if param_dtype is not None:
     cfg = cfg.replace(param_dtype=_dtype_name(param_dtype))
+  if scan_layers is not None:
+    cfg = cfg.replace(scan_layers=bool(scan_layers))
   model = Transformer(cfg, remat=remat)
   shardings = parallel.params_shardings(model, mesh, rules, example)
-  params = official_checkpoint.load_official(path, cfg, shardings, mesh, rules, param_dtype)
+  unrolled = cfg.replace(scan_layers=False)
+  unrolled_shardings = (parallel.params_shardings(Transformer(unrolled), mesh, rules, example)
+                        if cfg.scan_layers else shardings)
+  params = official_checkpoint.load_official(path, unrolled, unrolled_shardings, mesh, rules,
+                                             param_dtype)
+  if cfg.scan_layers:
+    params = _stack_on_devices(params, cfg, shardings)
   if param_dtype is None:
     stored = jax.tree_util.tree_leaves(params)[0].dtype
     model = Transformer(cfg.replace(param_dtype=_dtype_name(stored)), remat=remat)

@@ -19,16 +19,34 @@ Calling conventions (all shapes static):
 
 Sliding windows are measured in slots (sequence indices), like HF; with padding only on the
 left, slot distances equal position distances, so this agrees with the official library too.
+
+Scanned layers (`config.scan_layers`). The attention pattern's repeating unit (`scan_unit`:
+one global block for Gemma 1, a (local, global) pair for Gemma 2) becomes one `nn.scan` step,
+so XLA compiles one unit instead of every layer (compile time no longer grows with depth).
+Params: `layers/block_j/...` with a leading `layers` axis of R = num_layers // len(unit)
+entries (entry r is layer r * len(unit) + j); layers past the last whole unit (an odd Gemma 2
+depth) keep their unrolled `layer_i` subtrees. `stack_layers` / `unstack_layers` convert
+between the two trees; checkpoints always hold the unrolled one. The KV cache is stacked the
+same way and travels through the scan as part of its carry: each block writes its new keys
+and values into its own entry of the stacked cache in place (`dynamic_update_slice` at
+(layer, cache_index)) and attends over that entry, so decode updates one slot per layer as
+the unrolled model does, without copying the cache. Remat policies apply per block inside the
+scan, as in MaxText. The price: inside the loop each layer's weights are a dynamic slice of
+the stacked params, which XLA may copy per iteration: noise next to a train step's matmuls,
+but a decode step reads every weight anyway, so it can cost decode throughput (on CPU, an
+8-layer Gemma 2 2B-width model decoded ~1.5x slower scanned); XLA's `cost_analysis` also
+counts the loop body once, not once per layer.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eva_jax.models.config import GemmaConfig, LOCAL
 
@@ -42,6 +60,11 @@ ACT_KV = ("batch", "length", "kv_heads", "head_dim")
 ACT_MLP = ("batch", "length", "mlp")
 ACT_VOCAB = ("batch", "length", "vocab")
 CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+# The stacked leading dimension of scanned params and caches (no mesh axis: see parallel.py).
+LAYERS_AXIS = "layers"
+# Param-tree key of the scanned layers, and the prefix of each unit position under it.
+SCANNED = "layers"
+_BLOCK = "block_"
 
 _REMAT_POLICIES = {
     "none": None,
@@ -120,7 +143,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array,
-               cache: Optional[dict[str, Array]], cache_index: Optional[Array]):
+               cache: Optional[dict[str, Array]], cache_index: Optional[Array],
+               layer_index: Optional[Array] = None):
+    """`cache`: this layer's {k, v: [B, S, K, H]}, or, with `layer_index` (scanned layers),
+    the stacked {k, v: [R, B, S, K, H]} of which entry `layer_index` is this layer's."""
     cfg = self.config
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     dtype = _dtype(cfg.dtype)
@@ -141,7 +167,7 @@ class Attention(nn.Module):
     q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, dtype)
 
     new_cache = None
-    if cache is not None:
+    if cache is not None and layer_index is None:
       key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype),
                                                 cache_index, axis=1)
       value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype),
@@ -149,6 +175,21 @@ class Attention(nn.Module):
       key = nn.with_logical_constraint(key, CACHE_AXES)
       value = nn.with_logical_constraint(value, CACHE_AXES)
       new_cache = {"k": key, "v": value}
+    elif cache is not None:
+      # Write the new keys / values into this layer's entry of the stacked cache (in place:
+      # the stack is carried through the scan) and attend over that entry.
+      start = (jnp.asarray(layer_index, jnp.int32), jnp.int32(0),
+               jnp.asarray(cache_index, jnp.int32), jnp.int32(0), jnp.int32(0))
+      stacked_axes = (LAYERS_AXIS,) + CACHE_AXES
+      new_cache = {}
+      for name, new in (("k", key), ("v", value)):
+        stack = jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None],
+                                             start)
+        new_cache[name] = nn.with_logical_constraint(stack, stacked_axes)
+      key = nn.with_logical_constraint(
+          jax.lax.dynamic_index_in_dim(new_cache["k"], start[0], 0, keepdims=False), CACHE_AXES)
+      value = nn.with_logical_constraint(
+          jax.lax.dynamic_index_in_dim(new_cache["v"], start[0], 0, keepdims=False), CACHE_AXES)
 
     b, t = q.shape[:2]
     groups = n // k
@@ -207,11 +248,11 @@ class Block(nn.Module):
   attn_type: str
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, cache_index):
+  def __call__(self, x, positions, mask, cache, cache_index, layer_index=None):
     cfg = self.config
     h = RMSNorm(cfg, name="pre_attention_norm")(x)
     h, new_cache = Attention(cfg, self.attn_type, name="attn")(h, positions, mask, cache,
-                                                               cache_index)
+                                                               cache_index, layer_index)
     if cfg.use_post_attn_norm:
       h = RMSNorm(cfg, name="post_attention_norm")(h)
     x = nn.with_logical_constraint(x + h, ACT_EMBED)
@@ -221,6 +262,58 @@ class Block(nn.Module):
       h = RMSNorm(cfg, name="post_ffw_norm")(h)
     x = nn.with_logical_constraint(x + h, ACT_EMBED)
     return x, new_cache
+
+
+def _block_class(remat: str, scanned: bool):
+  if remat not in _REMAT_POLICIES:
+    raise ValueError(f"Unknown remat policy {remat!r}; use one of {sorted(_REMAT_POLICIES)}.")
+  if remat == "none":
+    return Block
+  # Inside a scan the loop boundary already keeps XLA from merging the recomputation with the
+  # forward pass, so CSE prevention (its optimisation barriers) is not needed (MaxText does
+  # the same).
+  return nn.remat(Block, policy=_REMAT_POLICIES[remat], prevent_cse=not scanned)
+
+
+def scan_unit(config: GemmaConfig) -> tuple[tuple[str, ...], int]:
+  """(unit, repeats): the shortest attention-type pattern the layers repeat, and how many
+  whole repeats the scan covers. Gemma 1: (("global",), L); Gemma 2: (("local", "global"),
+  L // 2); layers from repeats * len(unit) on (an odd Gemma 2 depth) stay unrolled."""
+  types = config.attention_types
+  n = len(types)
+  for period in range(1, n + 1):
+    if all(types[i] == types[i % period] for i in range(n)):
+      return tuple(types[:period]), n // period
+  raise AssertionError("unreachable")
+
+
+def _first_unrolled(config: GemmaConfig) -> int:
+  if not config.scan_layers:
+    return 0
+  unit, repeats = scan_unit(config)
+  return len(unit) * repeats
+
+
+class _ScanUnit(nn.Module):
+  """One step of the layer scan: the blocks of one repeat of the attention pattern."""
+
+  config: GemmaConfig
+  attn_types: tuple[str, ...]
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, carry, layer_index, positions, global_mask, local_mask, cache_index):
+    x, cache = carry
+    block_cls = _block_class(self.remat, scanned=True)
+    new_cache = None if cache is None else {}
+    for j, attn_type in enumerate(self.attn_types):
+      name = f"{_BLOCK}{j}"
+      mask = local_mask if attn_type == LOCAL else global_mask
+      x, block_cache = block_cls(self.config, attn_type, name=name)(
+          x, positions, mask, None if cache is None else cache[name], cache_index, layer_index)
+      if cache is not None:
+        new_cache[name] = block_cache
+    return (x, new_cache), None
 
 
 def default_positions(input_ids: Array, pad_id: int, key_mask: Optional[Array] = None) -> Array:
@@ -245,7 +338,8 @@ class Transformer(nn.Module):
   """Gemma causal LM. See the module docstring for the calling conventions.
 
   Attributes:
-    config: the model's hyper-parameters.
+    config: the model's hyper-parameters (`config.scan_layers` scans the layers; see the
+      module docstring).
     remat: rematerialisation policy per block: "none", "full", "dots" or "dots_all".
   """
 
@@ -254,15 +348,17 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    if self.remat not in _REMAT_POLICIES:
-      raise ValueError(f"Unknown remat policy {self.remat!r}; use one of "
-                       f"{sorted(_REMAT_POLICIES)}.")
-    block_cls = Block
-    if self.remat != "none":
-      block_cls = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=True)
+    block_cls = _block_class(self.remat, scanned=False)
     self.embedder = Embedder(cfg)
-    self.layers = [block_cls(cfg, attn_type, name=f"layer_{i}")
-                   for i, attn_type in enumerate(cfg.attention_types)]
+    if cfg.scan_layers:
+      unit, repeats = scan_unit(cfg)
+      scanned = nn.scan(_ScanUnit, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=repeats, metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+      self.layers = scanned(cfg, unit, self.remat)
+    first = _first_unrolled(cfg)
+    self.blocks = [block_cls(cfg, cfg.attention_types[i], name=f"layer_{i}")
+                   for i in range(first, cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
 
   def hidden_states(self, input_ids: Array, positions: Optional[Array] = None,
@@ -290,7 +386,7 @@ class Transformer(nn.Module):
       if cache_index is None:
         raise ValueError("Transformer: a KV cache needs `cache_index`, the slot of the first "
                          "new token.")
-      cache_len = cache["layer_0"]["k"].shape[1]
+      cache_len = jax.tree_util.tree_leaves(cache)[0].shape[-3]  # [..., S, K, H]
       query_slots = cache_index + jnp.arange(t)
       if positions is None:
         positions = jnp.broadcast_to(query_slots[None], (b, t))
@@ -300,7 +396,15 @@ class Transformer(nn.Module):
 
     x = nn.with_logical_constraint(self.embedder.encode(input_ids), ACT_EMBED)
     new_cache = {} if cache is not None else None
-    for i, layer in enumerate(self.layers):
+    if cfg.scan_layers:
+      _, repeats = scan_unit(cfg)
+      carry = (x, cache[SCANNED] if cache is not None else None)
+      (x, scanned_cache), _ = self.layers(carry, jnp.arange(repeats, dtype=jnp.int32),
+                                          positions, global_mask, local_mask, cache_index)
+      if cache is not None:
+        new_cache[SCANNED] = scanned_cache
+    first = _first_unrolled(cfg)
+    for i, layer in enumerate(self.blocks, start=first):
       mask = local_mask if cfg.attention_types[i] == LOCAL else global_mask
       layer_cache = cache[f"layer_{i}"] if cache is not None else None
       x, layer_new_cache = layer(x, positions, mask, layer_cache, cache_index)
@@ -360,15 +464,116 @@ class GemmaForSequenceClassification(Transformer):
     return scores[:, 0] if self.config.num_labels == 1 else scores
 
 
+def _cache_tree(config: GemmaConfig, leaf) -> dict:
+  """The cache's structure with `leaf(stacked: Optional[int])` at every k and v."""
+  out: dict = {}
+  if config.scan_layers:
+    unit, repeats = scan_unit(config)
+    out[SCANNED] = {f"{_BLOCK}{j}": {"k": leaf(repeats), "v": leaf(repeats)}
+                    for j in range(len(unit))}
+  for i in range(_first_unrolled(config), config.num_layers):
+    out[f"layer_{i}"] = {"k": leaf(None), "v": leaf(None)}
+  return out
+
+
 def init_cache(config: GemmaConfig, batch_size: int, cache_length: int,
                dtype: Any = None) -> Cache:
-  """Zeroed KV cache: {layer_i: {k, v: [B, S, K, H]}} in the compute dtype by default."""
+  """Zeroed KV cache in the compute dtype by default: {layer_i: {k, v: [B, S, K, H]}};
+  with `config.scan_layers`, {"layers": {block_j: {k, v: [R, B, S, K, H]}}} (plus `layer_i`
+  entries for unrolled trailing layers)."""
   dtype = _dtype(dtype or config.dtype)
   shape = (batch_size, cache_length, config.num_kv_heads, config.head_dim)
-  return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for i in range(config.num_layers)}
+  return _cache_tree(config, lambda r: jnp.zeros(shape if r is None else (r,) + shape, dtype))
 
 
 def cache_logical_axes(config: GemmaConfig) -> dict:
   """Logical axis names of every cache array, for sharding the cache like the model."""
-  return {f"layer_{i}": {"k": CACHE_AXES, "v": CACHE_AXES} for i in range(config.num_layers)}
+  return _cache_tree(config, lambda r: CACHE_AXES if r is None else (LAYERS_AXIS,) + CACHE_AXES)
+
+
+# --------------------------------------------------------------------------------------------
+# Unrolled <-> scanned param trees.
+
+
+def _unit_layers(config: GemmaConfig) -> tuple[int, int]:
+  unit, repeats = scan_unit(config)
+  return len(unit), repeats
+
+
+def is_stacked(params: Any) -> bool:
+  """Whether a param tree is the scanned (stacked) one."""
+  return isinstance(params, Mapping) and SCANNED in params
+
+
+def scanned_location(config: GemmaConfig, layer: int) -> tuple[tuple[str, ...], Optional[int]]:
+  """Where unrolled layer `layer`'s subtree lives in the scanned tree: (path, index along
+  the stacked axis), index None for an unrolled trailing layer."""
+  period, repeats = _unit_layers(config)
+  if layer < period * repeats:
+    return (SCANNED, f"{_BLOCK}{layer % period}"), layer // period
+  return (f"layer_{layer}",), None
+
+
+def _stack(parts):
+  if all(isinstance(p, np.ndarray) for p in parts):
+    return np.stack(parts)
+  return jnp.stack([jnp.asarray(p) for p in parts])
+
+
+def stack_layers(params: Mapping, config: GemmaConfig) -> dict:
+  """The unrolled param tree (`layer_i/...`, as checkpoints hold it) -> the scanned one
+  (`layers/block_j/...` stacked [R, ...]); other entries (embedder, final norm, score) are
+  kept as they are. numpy leaves stay numpy; anything else becomes jax arrays; logical
+  partitioning boxes (`model.init`'s) are dropped."""
+  params = nn.unbox(params)
+  if is_stacked(params):
+    raise ValueError("stack_layers: the params are already stacked (they have 'layers').")
+  period, repeats = _unit_layers(config)
+  missing = [f"layer_{i}" for i in range(config.num_layers) if f"layer_{i}" not in params]
+  if missing:
+    raise ValueError(f"stack_layers: params have no {missing[0]} ({len(missing)} of "
+                     f"{config.num_layers} layers missing); is the config the params' one?")
+  out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  out[SCANNED] = {
+      f"{_BLOCK}{j}": jax.tree_util.tree_map(
+          lambda *xs: _stack(xs), *[params[f"layer_{r * period + j}"] for r in range(repeats)])
+      for j in range(period)}
+  for i in range(period * repeats, config.num_layers):
+    out[f"layer_{i}"] = params[f"layer_{i}"]
+  return out
+
+
+def unstack_layers(params: Mapping, config: GemmaConfig) -> dict:
+  """The inverse of `stack_layers`: the scanned tree -> the unrolled `layer_i/...` one."""
+  params = nn.unbox(params)
+  if not is_stacked(params):
+    raise ValueError("unstack_layers: the params are not stacked (they have no 'layers').")
+  period, repeats = _unit_layers(config)
+  out = {k: v for k, v in params.items() if k != SCANNED}
+  for r in range(repeats):
+    for j in range(period):
+      out[f"layer_{r * period + j}"] = jax.tree_util.tree_map(
+          lambda x, r=r: x[r], params[SCANNED][f"{_BLOCK}{j}"])
+  return {k: out[k] for k in sorted(out, key=_layer_order)}
+
+
+def _layer_order(key: str):
+  if key.startswith("layer_"):
+    return (1, int(key[len("layer_"):]))
+  return (0 if key == "embedder" else 2, key)
+
+
+def get_layer_param(params: Mapping, config: GemmaConfig, path: Sequence[str]):
+  """The param at unrolled `path` (e.g. ("layer_3", "attn", "q_einsum")) of an unrolled or
+  a scanned tree (then a slice of the stacked leaf)."""
+  path = tuple(path)
+  if is_stacked(params) and path[0].startswith("layer_"):
+    prefix, index = scanned_location(config, int(path[0][len("layer_"):]))
+    leaf = params
+    for k in prefix + path[1:]:
+      leaf = leaf[k]
+    return leaf if index is None else leaf[index]
+  leaf = params
+  for k in path:
+    leaf = leaf[k]
+  return leaf

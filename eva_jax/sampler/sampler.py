@@ -129,7 +129,8 @@ class Sampler:
     max_batch_rows: most rows (prompts x samples) one program decodes at once; longer lists
       are cut into chunks (bounds the KV cache's memory).
     cache_dtype: KV-cache dtype (default: the model's compute dtype, bf16 for real configs).
-    top_p_method: "radix" (exact nucleus without sorting the vocabulary) or "sort".
+    top_p_method: "threshold" (exact nucleus without sorting the vocabulary), "radix" (an
+      older no-sort formulation, slow to compile on GPU) or "sort".
     reuse_cache: keep the KV cache buffer between calls of the same shape instead of
       allocating a fresh zeroed one per call (saves the fill; holds the memory).
   """
@@ -139,7 +140,7 @@ class Sampler:
                min_prompt_bucket: int = 16,
                prompt_length_buckets: Optional[Sequence[int]] = None,
                max_batch_rows: int = 512, cache_dtype: Any = None,
-               top_p_method: str = "radix", reuse_cache: bool = False):
+               top_p_method: str = sampling.DEFAULT_TOP_P_METHOD, reuse_cache: bool = False):
     if isinstance(model, GemmaForSequenceClassification) or not isinstance(model, Transformer):
       raise TypeError(f"Sampler needs a causal LM (eva_jax.models.Transformer), got "
                       f"{type(model).__name__}.")
@@ -396,7 +397,8 @@ class Sampler:
     """The whole generation as one traced program (see the module docstring).
 
     Args:
-      cache: the donated decode cache, {layer_i: {k, v: [B * n, P + max_new, K, H]}}.
+      cache: the donated decode cache, {layer_i: {k, v: [B * n, P + max_new, K, H]}} (a
+        scanned model's: stacked, see `init_cache`).
       tokens / prompt_mask: int32 / bool [B, P], prompts left-padded.
       prompt_index: int32 [B], each row's index in the caller's prompt list (-1: dummy).
       row_valid: bool [B]; dummy rows start finished.
@@ -416,10 +418,13 @@ class Sampler:
     hidden, prompt_cache = apply(tokens, positions=positions, attention_mask=prompt_mask,
                                  cache=init_cache(cfg, b, p_len, self.cache_dtype),
                                  cache_index=jnp.int32(0), return_hidden=True)
+    # Rows sit on each array's `batch` axis: 0 per layer, 1 in a scanned model's stacked
+    # [R, B, S, K, H] arrays.
     cache = jax.tree_util.tree_map(
-        lambda big, small, s: jax.lax.with_sharding_constraint(
-            jax.lax.dynamic_update_slice(big, repeat(small), (0, 0, 0, 0)), s),
-        cache, prompt_cache, cache_sharding)
+        lambda big, small, s, axes: jax.lax.with_sharding_constraint(
+            jax.lax.dynamic_update_slice(big, jnp.repeat(small, n, axis=axes.index("batch")),
+                                         (0,) * big.ndim), s),
+        cache, prompt_cache, cache_sharding, cache_logical_axes(cfg))
     logits = repeat(apply(hidden[:, -1], method="unembed"))  # [R, V] float32
 
     # Generated slots are valid from the start; causality hides the ones not written yet.

@@ -43,7 +43,8 @@ class TrainState:
 
 @gin.configurable
 def make_policy_model(config: GemmaConfig, remat: str = "full", compute_dtype: str = "bfloat16",
-                      param_dtype: str = "float32") -> Transformer:
+                      param_dtype: str = "float32",
+                      scan_layers: Optional[bool] = None) -> Transformer:
   """The policy `Transformer` under the solver's remat and dtype policies.
 
   Args:
@@ -52,8 +53,14 @@ def make_policy_model(config: GemmaConfig, remat: str = "full", compute_dtype: s
       (save matmul outputs without batch dims) or "dots_all".
     compute_dtype: matmul / activation dtype.
     param_dtype: storage dtype of params in the train state.
+    scan_layers: compile the layers as one scan (`GemmaConfig.scan_layers`; the params, and
+      so the train state, are then stacked: `eva_jax.models.stack_layers`); None: the
+      config's own setting.
   """
-  return Transformer(config.replace(dtype=compute_dtype, param_dtype=param_dtype), remat=remat)
+  changes = dict(dtype=compute_dtype, param_dtype=param_dtype)
+  if scan_layers is not None:
+    changes["scan_layers"] = bool(scan_layers)
+  return Transformer(config.replace(**changes), remat=remat)
 
 
 def _cast(tree: Any, dtype) -> Any:
