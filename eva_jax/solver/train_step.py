@@ -247,6 +247,7 @@ def make_reference_fn(model: nn.Module, mesh: Mesh, rules=None, *, chunk_size: i
   def call(params, tokens, mask):
     with parallel.with_mesh_rules(mesh, rules):
       return jitted(params, tokens, mask)
+  call.lower = jitted.lower  # AOT: lower from ShapeDtypeStructs (eva_jax.aot), inside the mesh
   return call
 
 

@@ -1,0 +1,98 @@
+"""The TPU fit check (`python -m eva_jax.aot`): the round's programs compiled for a TPU slice
+on this CPU (libtpu describes the slice; nothing runs on a TPU), and its verdicts."""
+
+import json
+
+import pytest
+
+from eva_jax import aot
+
+SMOKE = ["--gin_file=eva_smoke.gin"]
+
+
+@pytest.mark.parametrize("name, chips, libtpu", [
+    ("v5p-64", 32, "v5p:2x4x4"), ("v5e-256", 256, "v5e:16x16"),
+    ("v5litepod-16", 16, "v5e:4x4"), ("v4-32", 16, "v4:2x2x4"), ("v5e:2x4", 8, "v5e:2x4"),
+    ("V6E-8", 8, "v6e:2x4")])
+def test_topology_names(name, chips, libtpu):
+  t = aot.parse_topology(name)
+  assert (t.num_chips, t.libtpu_name) == (chips, libtpu)
+
+
+@pytest.mark.parametrize("name, words", [("v5p-63", "no v5p slice of that size"),
+                                         ("v7x-8", "use a Cloud TPU accelerator type"),
+                                         ("tpu", "use a Cloud TPU accelerator type")])
+def test_bad_topology_names_say_what_to_use(name, words):
+  with pytest.raises(ValueError, match=words):
+    aot.parse_topology(name)
+
+
+def _run(tmp_path, argv, capsys):
+  out = tmp_path / "fit.json"
+  code = aot.main([*argv, f"--json={out}"])
+  captured = capsys.readouterr()
+  return code, json.loads(out.read_text()), captured.out, captured.err
+
+
+def test_the_smoke_config_fits_a_v5e_slice(tmp_path, capsys):
+  code, summary, out, _ = _run(tmp_path, [*SMOKE, "--topology=v5e-4"], capsys)
+  assert code == 0 and summary["fits"]
+  assert summary["chips"] == 4 and summary["mesh"]["data"] == 4
+  names = [p["name"] for p in summary["programs"]]
+  assert names == ["train_step", "reference_logps", "sampler"]  # a programmatic reward
+  for p in summary["programs"]:
+    assert 0 < p["total_gib"] < 1 and p["flops_per_chip"] > 0 and p["calls_per_round"] >= 1
+  # The train state (params + 2 Adam moments, float32, replicated on `data`) is resident
+  # while the sampler runs: 3x the params it takes as arguments, so 2x of it is "elsewhere".
+  sampler = summary["programs"][2]
+  assert sampler["resident_elsewhere_gib"] == pytest.approx(
+      summary["train_state_gib_per_chip"] * 2 / 3, rel=0.01)
+  assert "train_step" in out and "One round" in out
+
+
+def test_a_model_reward_is_compiled_too(tmp_path, capsys):
+  code, summary, _, _ = _run(tmp_path, [
+      *SMOKE, "--topology=v5e:2x2", "--reward_config=tiny", "--programs=reward_model",
+      "--gin_bindings=make_reward.kind = 'model'", "--gin_bindings=ModelReward.batch_size = 8",
+      "--gin_bindings=ModelReward.max_length = 200"], capsys)
+  assert code == 0
+  [reward] = summary["programs"]
+  assert reward["name"] == "reward_model" and "8 sequences of 200 tokens" in reward["note"]
+  assert summary["reward_params_gib_per_chip"] > 0
+
+
+def test_a_config_that_cannot_fit_fails_naming_the_program_and_the_knob(tmp_path, capsys):
+  # 4096 pairs of 8192 tokens in one micro-batch, no remat: activations far beyond 16 GiB.
+  code, summary, _, err = _run(tmp_path, [
+      *SMOKE, "--topology=v5e-4", "--programs=train_step",
+      "--gin_bindings=EvaConfig.batch_size = 4096",
+      "--gin_bindings=EvaConfig.max_length = 8192"], capsys)
+  assert code == 1 and not summary["fits"]
+  assert "eva_jax.aot: train_step does not fit v5e-4" in err
+  assert "make_train_step.num_microbatches" in err
+
+
+def test_a_batch_the_slice_cannot_split_is_reported_not_raised(tmp_path, capsys):
+  code, summary, out, err = _run(tmp_path, [
+      *SMOKE, "--topology=v5e-16", "--programs=train_step",
+      "--gin_bindings=EvaConfig.batch_size = 8"], capsys)
+  assert code == 1 and summary["round_hours"] is None
+  assert "does not split into 1 micro-batches over 16 data-parallel shards" in err
+  assert "cannot run on this slice" in out
+
+
+def test_an_unreadable_checkpoint_asks_for_the_config_flag(capsys):
+  with pytest.raises(ValueError, match="--solver_config"):
+    aot.main([*SMOKE, "--topology=v5e-4",
+              "--gin_bindings=InitialPolicy.path = '/nonexistent/gemma-2-9b-it'",
+              "--gin_bindings=InitialPolicy.embedding_scale = 1.0"])
+
+
+def test_scanned_layers_get_memory_but_no_projected_time(tmp_path, capsys):
+  # XLA's cost analysis counts a scanned layer loop's body once: no time is projected from it.
+  code, summary, out, _ = _run(tmp_path, [
+      *SMOKE, "--topology=v5e:2x2", "--programs=train_step",
+      "--gin_bindings=make_policy_model.scan_layers = True"], capsys)
+  assert code == 0 and summary["scanned_layers"] and summary["round_hours"] is None
+  assert summary["programs"][0]["total_gib"] > 0
+  assert "XLA counts the layer loop's FLOPs once" in out
