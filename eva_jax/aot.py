@@ -17,13 +17,16 @@ shapes alone, every program a round runs at its largest shapes:
 
 For each it prints the per-chip memory XLA assigned (arguments, outputs, temporaries) plus the
 buffers the round keeps on the chips meanwhile (the train state and the reward model's params
-stay resident for the whole run), against the chip's HBM, and the FLOPs of `cost_analysis` with
-the time they imply at `--mfu`. The sampler's decode loop has a data-dependent trip count that
-XLA counts once, so its time comes from a prefill program and one decode step compiled on the
-side (`max_new_tokens` steps, each the slower of its FLOPs at `--mfu` and its bytes at
-`--hbm_efficiency` of the chip's bandwidth). It ends with the projected time of one round for
-`--prompts_per_round` prompts (not for scanned layers, whose loop body XLA's cost analysis
-counts once), and exits 1 naming each program that does not fit and the knobs to turn.
+stay resident for the whole run), against the chip's HBM, and the time one call takes at `--mfu`: its model FLOPs (6 N per trained token, 2 N per
+token forward, plus attention; the MFU convention) over the chips' peak. XLA's own
+`cost_analysis` FLOPs are reported beside them but not used: XLA counts a loop body once (the
+micro-batch loop, scanned layers, the decode loop), and on v4 / v5p (two TensorCores a chip)
+they come out per core. The sampler's decode steps are memory-bound: each takes the slower of
+its FLOPs at `--mfu` and the bytes per chip XLA's cost analysis gives for one decode step
+compiled on the side (params and cache reads, FSDP gathers included) at `--hbm_efficiency` of
+the chip's bandwidth. It ends with the projected time of one round for
+`--prompts_per_round` prompts (not for scanned layers, whose loop XLA's cost analysis counts
+once), and exits 1 naming each program that does not fit and the knobs to turn.
 
 Chip figures (per chip; Cloud TPU documentation): HBM, peak bf16 FLOP/s and HBM bandwidth.
 Topology names follow Cloud TPU's accelerator types: for v4 and v5p the number counts
@@ -165,7 +168,8 @@ class ProgramReport:
   temp_gib: float
   alias_gib: float
   resident_elsewhere_gib: float  # buffers the round holds on the chip outside this program
-  flops_per_chip: float
+  flops_per_chip: float  # model FLOPs of one call / chips (what MFU is measured against)
+  xla_flops_per_chip: float  # XLA's cost_analysis (a loop body counted once; remat included)
   bytes_per_chip: float
   seconds: float  # one call at the stated MFU / bandwidth
   calls_per_round: float
@@ -178,6 +182,27 @@ class ProgramReport:
   def total_gib(self) -> float:
     return (self.argument_gib + self.output_gib + self.temp_gib - self.alias_gib
             + self.resident_elsewhere_gib)
+
+
+def attention_pairs(cfg, query_len: int, key_len: Optional[int] = None) -> int:
+  """(query, key) pairs a causal pass attends to, summed over layers: `query_len` queries at the
+  end of `key_len` keys (prefill / training: equal; decode: 1 query), windows honoured."""
+  key_len = query_len if key_len is None else key_len
+  total = 0
+  for kind in cfg.attention_types:
+    window = cfg.sliding_window if kind == "local" and cfg.sliding_window else key_len
+    seen = [min(key_len - query_len + q + 1, window) for q in range(query_len)]
+    total += sum(seen)
+  return total
+
+
+def model_flops(cfg, sequences: int, query_len: int, key_len: Optional[int] = None,
+                backward: bool = False) -> float:
+  """Model FLOPs (the MFU convention: rematerialisation not counted) of a forward, or of a
+  forward and backward (3x), over `sequences` rows of `query_len` new tokens each."""
+  matmuls = 2.0 * cfg.num_params() * sequences * query_len
+  attention = 4.0 * cfg.num_heads * cfg.head_dim * attention_pairs(cfg, query_len, key_len)
+  return (3.0 if backward else 1.0) * (matmuls + sequences * attention)
 
 
 def _memory(compiled) -> tuple[float, float, float, float]:
@@ -290,18 +315,20 @@ class FitCheck:
     memory = bytes_accessed / (chip.hbm_gbps * 1e9 * self.hbm_efficiency)
     return max(compute, memory)
 
-  def _report(self, name, compiled, compile_s, resident_in_args, calls, knobs, seconds=None,
-              flops=None, bytes_accessed=None, note=""):
+  def _report(self, name, compiled, compile_s, resident_in_args, calls, knobs, flops,
+              seconds=None, bytes_accessed=None, note=""):
+    """`flops`: the call's model FLOPs (all chips); the call's time is their share per chip at
+    the stated MFU, unless `seconds` is given."""
     arg, out, temp, alias = _memory(compiled)
-    f, b = _cost(compiled)
-    flops = f if flops is None else flops
-    bytes_accessed = b if bytes_accessed is None else bytes_accessed
+    xla_flops, xla_bytes = _cost(compiled)
+    per_chip = flops / self.topology.num_chips
     resident = self.train_state_gib + self.reward_gib
     return ProgramReport(
         name=name, argument_gib=arg, output_gib=out, temp_gib=temp, alias_gib=alias,
-        resident_elsewhere_gib=max(0.0, resident - resident_in_args), flops_per_chip=flops,
-        bytes_per_chip=bytes_accessed,
-        seconds=self._seconds(flops, bytes_accessed) if seconds is None else seconds,
+        resident_elsewhere_gib=max(0.0, resident - resident_in_args), flops_per_chip=per_chip,
+        xla_flops_per_chip=xla_flops,
+        bytes_per_chip=xla_bytes if bytes_accessed is None else bytes_accessed,
+        seconds=self._seconds(per_chip, 0.0) if seconds is None else seconds,
         calls_per_round=calls, compile_s=compile_s, knobs=knobs, note=note)
 
   # ------------------------------------------------------------------ the programs
@@ -327,9 +354,10 @@ class FitCheck:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     steps = cfg.epochs * math.ceil(self.pairs_per_round() / cfg.batch_size)
+    flops = model_flops(self.policy.config, 2 * cfg.batch_size, cfg.max_length, backward=True)
     return self._report(
         "train_step", compiled, time.perf_counter() - start, self.train_state_gib, steps,
-        KNOBS["train_step"])
+        KNOBS["train_step"], flops)
 
   def reference(self) -> Optional[ProgramReport]:
     # pylint: disable=import-outside-toplevel
@@ -351,8 +379,9 @@ class FitCheck:
     with parallel.with_mesh_rules(self.mesh, self.rules):
       compiled = fn.lower(params, tokens, tokens).compile()
     calls = math.ceil(self.pairs_per_round() / batch_size)
+    flops = model_flops(self.policy.config, 2 * batch_size, self.cfg.max_length)
     return self._report("reference_logps", compiled, time.perf_counter() - start,
-                        self.params_gib, calls, KNOBS["reference_logps"])
+                        self.params_gib, calls, KNOBS["reference_logps"], flops)
 
   def sampler_program(self) -> ProgramReport:
     # pylint: disable=import-outside-toplevel
@@ -385,20 +414,30 @@ class FitCheck:
     start = time.perf_counter()
     compiled = s._compile(args, statics, rows, length)  # pylint: disable=protected-access
     compile_s = time.perf_counter() - start
-    prefill, decode = self._sampler_parts(params, b, p_len, rows, length)
-    seconds = (self._seconds(*prefill) + cfg.max_new_tokens * self._seconds(*decode))
+    (_, prefill_bytes), (_, decode_bytes) = self._sampler_parts(params, b, p_len, rows, length)
+    chips, model = self.topology.num_chips, self.policy.config
+    # Model FLOPs for compute; XLA's bytes for the memory-bound decode step (its params and
+    # cache reads, FSDP gathers included); every step attends over the whole cache (an upper
+    # bound, as is every row running to max_new_tokens).
+    prefill_flops = model_flops(model, b, p_len)
+    decode_flops = model_flops(model, rows, 1, key_len=length)
+    prefill_s = self._seconds(prefill_flops / chips, prefill_bytes)
+    decode_s = self._seconds(decode_flops / chips, decode_bytes)
     calls = math.ceil(self.prompts_per_round / b)
     note = (f"{b} prompts x {k} samples, prompt bucket {p_len}, cache {length}; per call: "
-            f"prefill {self._seconds(*prefill):.2f} s + {cfg.max_new_tokens} decode steps of "
-            f"{1e3 * self._seconds(*decode):.1f} ms (every row to max_new_tokens: an upper "
-            "bound)")
+            f"prefill {prefill_s:.2f} s + {cfg.max_new_tokens} decode steps of "
+            f"{1e3 * decode_s:.1f} ms (each the slower of its FLOPs and the "
+            f"{decode_bytes / GIB:.1f} GiB per chip XLA says it reads; every row to "
+            "max_new_tokens: an upper bound)")
     return self._report(
         "sampler", compiled, compile_s, self.params_gib, calls, KNOBS["sampler"],
-        seconds=seconds, flops=prefill[0] + cfg.max_new_tokens * decode[0],
-        bytes_accessed=prefill[1] + cfg.max_new_tokens * decode[1], note=note)
+        prefill_flops + cfg.max_new_tokens * decode_flops,
+        seconds=prefill_s + cfg.max_new_tokens * decode_s,
+        bytes_accessed=prefill_bytes + cfg.max_new_tokens * decode_bytes, note=note)
 
   def _sampler_parts(self, params, b, p_len, rows, length):
-    """(FLOPs, bytes) per chip of the prefill and of one decode step, compiled on the side."""
+    """XLA's (FLOPs, bytes) per chip of the prefill and of one decode step, compiled on the
+    side (the generation program's decode loop has a data-dependent trip count)."""
     # pylint: disable=import-outside-toplevel
     import functools
     import jax
@@ -463,7 +502,7 @@ class FitCheck:
     calls = math.ceil(self.prompts_per_round * self.cfg.num_samples * 2 / batch_size)
     return self._report(
         "reward_model", compiled, time.perf_counter() - start, self.reward_gib, calls,
-        KNOBS["reward_model"],
+        KNOBS["reward_model"], model_flops(model.config, batch_size, length),
         note=f"{batch_size} sequences of {length} tokens (the largest bucket); calls assume "
         "the round's responses and as many again for its evolved prompts")
 
@@ -481,8 +520,8 @@ class FitCheck:
         # HBM while compiling (RESOURCE_EXHAUSTED): the program cannot run on this slice.
         if not (isinstance(e, ValueError) or "RESOURCE_EXHAUSTED" in str(e)):
           raise
-        report = ProgramReport(name, *([float("nan")] * 5), 0.0, 0.0, float("nan"), 0.0, 0.0,
-                               knobs=KNOBS[name], error=f"{e.__class__.__name__}: {e}"[:600])
+        report = ProgramReport(name, *([float("nan")] * 5), 0.0, 0.0, 0.0, float("nan"), 0.0,
+                               0.0, knobs=KNOBS[name], error=f"{e.__class__.__name__}: {e}"[:600])
       if report is not None:
         reports.append(report)
     return reports
@@ -540,8 +579,9 @@ def format_report(summary: dict) -> str:
   lines.append(f"One round (~{summary['prompts_per_round']} prompts, "
                f"{summary['pairs_per_round']} pairs) at {summary['mfu']:.0%} MFU and "
                f"{summary['hbm_efficiency']:.0%} of HBM bandwidth: "
-               + ("not projected (scanned layers: XLA counts the layer loop's FLOPs once; run "
-                  "the check with make_policy_model.scan_layers = False for times)"
+               + ("not projected (scanned layers: XLA's cost analysis counts the layer loop once, "
+                  "so the decode steps' bytes come out too low; run the check with "
+                  "make_policy_model.scan_layers = False for times)"
                   if summary["scanned_layers"] else
                   "not projected (a program cannot run)" if hours is None else
                   f"{hours:.2f} h (sampler, reward, reference, train)")

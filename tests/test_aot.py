@@ -42,6 +42,7 @@ def test_the_smoke_config_fits_a_v5e_slice(tmp_path, capsys):
   assert names == ["train_step", "reference_logps", "sampler"]  # a programmatic reward
   for p in summary["programs"]:
     assert 0 < p["total_gib"] < 1 and p["flops_per_chip"] > 0 and p["calls_per_round"] >= 1
+    assert p["xla_flops_per_chip"] > 0
   # The train state (params + 2 Adam moments, float32, replicated on `data`) is resident
   # while the sampler runs: 3x the params it takes as arguments, so 2x of it is "elsewhere".
   sampler = summary["programs"][2]
@@ -89,10 +90,38 @@ def test_an_unreadable_checkpoint_asks_for_the_config_flag(capsys):
 
 
 def test_scanned_layers_get_memory_but_no_projected_time(tmp_path, capsys):
-  # XLA's cost analysis counts a scanned layer loop's body once: no time is projected from it.
+  # XLA's cost analysis counts a scanned layer loop once: no time is projected from it.
   code, summary, out, _ = _run(tmp_path, [
       *SMOKE, "--topology=v5e:2x2", "--programs=train_step",
       "--gin_bindings=make_policy_model.scan_layers = True"], capsys)
   assert code == 0 and summary["scanned_layers"] and summary["round_hours"] is None
   assert summary["programs"][0]["total_gib"] > 0
-  assert "XLA counts the layer loop's FLOPs once" in out
+  assert "counts the layer loop once" in out
+
+
+def test_model_flops_follow_the_mfu_convention():
+  from eva_jax.models import get_config
+  cfg = get_config("tiny")
+  n, window = cfg.num_params(), cfg.sliding_window
+  # 3 sequences of 10 tokens, forward: 2 N per token plus 4 H D per attended (query, key).
+  pairs = sum(sum(min(q + 1, window if kind == "local" else 10) for q in range(10))
+              for kind in cfg.attention_types)
+  want = 2 * n * 30 + 3 * 4 * cfg.num_heads * cfg.head_dim * pairs
+  assert aot.model_flops(cfg, 3, 10) == pytest.approx(want)
+  assert aot.model_flops(cfg, 3, 10, backward=True) == pytest.approx(3 * want)
+  # One decode query over a 40-slot cache sees min(40, window) keys on local layers.
+  assert aot.attention_pairs(cfg, 1, 40) == sum(
+      min(40, window) if kind == "local" else 40 for kind in cfg.attention_types)
+
+
+def test_xla_counts_the_micro_batch_loop_once_the_model_flops_do_not(tmp_path, capsys):
+  flops = {}
+  for mb in (1, 2):
+    code, summary, _, _ = _run(tmp_path, [
+        *SMOKE, "--topology=v5e:2x2", "--programs=train_step",
+        f"--gin_bindings=make_train_step.num_microbatches = {mb}"], capsys)
+    assert code == 0
+    p = summary["programs"][0]
+    flops[mb] = (p["flops_per_chip"], p["xla_flops_per_chip"])
+  assert flops[1][0] == flops[2][0]
+  assert flops[2][1] == pytest.approx(flops[1][1] / 2, rel=0.05)
