@@ -41,3 +41,19 @@ def _clear_gin():
   gin.clear_config()
   yield
   gin.clear_config()
+
+
+# Slow end-to-end tests: CI runs them in the main pass (Python 3.11) and leaves them out of the
+# Python 3.12 pass (-m "not end_to_end"), which checks the library against jax 0.12 with
+# everything else; what they exercise beyond it (subprocess launches, notebooks, bash,
+# libtpu's compiler) does not change with the interpreter.
+_END_TO_END = ("tests/loop/test_resume.py", "tests/loop/test_multiprocess.py", "tests/colabs/",
+               "tests/tpu_scripts/", "tests/test_aot.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    path = str(item.path).replace(os.sep, "/")
+    if any(part in path for part in _END_TO_END):
+      item.add_marker(pytest.mark.end_to_end)

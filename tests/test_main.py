@@ -56,7 +56,8 @@ def test_module_entry_point_runs_the_default_config(tmp_path):
 
 
 @pytest.mark.parametrize("files", [["eva_gemma.gin"], ["eva_gemma.gin", "losses/simpo.gin"],
-                                   ["eva_gemma.gin", "eva_gemma_api_evolver.gin"]])
+                                   ["eva_gemma.gin", "eva_gemma_api_evolver.gin"],
+                                   ["eva_gemma.gin", "tpu/v5e_256.gin"]])
 def test_shipped_gin_files_parse_and_compose(files):
   import gin  # pylint: disable=import-outside-toplevel
   from eva_jax import loop  # pylint: disable=import-outside-toplevel  (registers configurables)
@@ -66,6 +67,10 @@ def test_shipped_gin_files_parse_and_compose(files):
   assert loop.InitialPolicy().path == "/ckpt/gemma-2-9b-it"
   assert gin.query_parameter("get_loss_fn.name") == ("simpo" if "losses/simpo.gin" in files
                                                      else "dpo")
+  v5e = "tpu/v5e_256.gin" in files
+  assert gin.query_parameter("create_mesh.mesh_shape") == (
+      {"data": 1, "fsdp": 64, "tensor": 4} if v5e else {"data": 1, "fsdp": -1, "tensor": 1})
+  assert gin.query_parameter("make_train_step.num_microbatches") == (1 if v5e else 2)
   gin.clear_config()
 
 
