@@ -255,6 +255,8 @@ class FitCheck:
                prompts_per_round: int = 10_000, solver_config: Optional[str] = None,
                reward_config: Optional[str] = None, devices=None):
     # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
     from eva_jax import loop, parallel, solver
     if not 0 < mfu <= 1 or not 0 < hbm_efficiency <= 1:
       raise ValueError(f"--mfu={mfu} and --hbm_efficiency={hbm_efficiency} must be in (0, 1].")
@@ -292,7 +294,7 @@ class FitCheck:
                           num_labels=1)
       self.reward_model = GemmaForSequenceClassification(rcfg)
       axes, abstract = parallel.params_logical_axes(
-          self.reward_model, jax_int_struct((1, 8)))
+          self.reward_model, jax.ShapeDtypeStruct((1, 8), jnp.int32))
       self.reward_shardings = parallel.logical_shardings(axes, self.mesh, self.rules, abstract)
       self.reward_abstract = abstract
       self.reward_gib = per_chip_gib(abstract, self.reward_shardings)
@@ -390,7 +392,6 @@ class FitCheck:
     from eva_jax import parallel
     from eva_jax.models import init_cache
     from eva_jax.sampler.sampler import pick_bucket
-    from eva_jax.sampler.sampling import TOP_P_METHODS  # noqa: F401  (documents the choice)
     cfg, s = self.cfg, self.sampler
     k = cfg.num_samples
     chunk = s._chunk_prompts(k)  # pylint: disable=protected-access
@@ -525,12 +526,6 @@ class FitCheck:
       if report is not None:
         reports.append(report)
     return reports
-
-
-def jax_int_struct(shape):
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  return jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
 # --------------------------------------------------------------------------- output
