@@ -374,6 +374,19 @@ class PromptCollector:
 # Public API
 
 
+def check_prompt_limits(who: str, tokenizer: Any, max_prompt_tokens: Optional[int],
+                        limit: Optional[int], tokenizer_hint: str) -> None:
+  """ValueError naming `who` for a max_prompt_tokens without a tokenizer, or a bound < 1."""
+  if max_prompt_tokens is not None:
+    if tokenizer is None:
+      raise ValueError(f"{who}: max_prompt_tokens needs a tokenizer to count tokens"
+                       f"{tokenizer_hint}, or max_prompt_tokens=None.")
+    if max_prompt_tokens < 1:
+      raise ValueError(f"{who}: max_prompt_tokens={max_prompt_tokens} must be >= 1.")
+  if limit is not None and limit < 1:
+    raise ValueError(f"{who}: limit={limit} must be >= 1 (or None for no limit).")
+
+
 @gin.configurable
 def load_prompts(paths: Union[PathLike, Sequence[PathLike]] = gin.REQUIRED, *,
                  key: str = "prompt",
@@ -412,15 +425,9 @@ def load_prompts(paths: Union[PathLike, Sequence[PathLike]] = gin.REQUIRED, *,
       key is in no record, or no prompt is left after dropping (the counts are given).
     ValueError: bad arguments (max_prompt_tokens without a tokenizer, an unknown format).
   """
-  if max_prompt_tokens is not None:
-    if tokenizer is None:
-      raise ValueError("load_prompts: max_prompt_tokens needs a tokenizer to count tokens; pass "
-                       "tokenizer= (gin: load_prompts.tokenizer = 'byte' or a tokenizer.model "
-                       "path), or max_prompt_tokens=None.")
-    if max_prompt_tokens < 1:
-      raise ValueError(f"load_prompts: max_prompt_tokens={max_prompt_tokens} must be >= 1.")
-  if limit is not None and limit < 1:
-    raise ValueError(f"load_prompts: limit={limit} must be >= 1 (or None for no limit).")
+  check_prompt_limits("load_prompts", tokenizer, max_prompt_tokens, limit,
+                      "; pass tokenizer= (gin: load_prompts.tokenizer = 'byte' or a "
+                      "tokenizer.model path)")
   if format is not None and format not in FORMATS:
     raise ValueError(f"load_prompts: format={format!r}; use one of {FORMATS} (or None to tell "
                      "it from each file's extension).")

@@ -45,7 +45,7 @@ import gin
 import numpy as np
 
 from eva_jax.data.prompts import (PathLike, PromptCollector, PromptFileError, PromptSet,
-                                  _metadata_of, _prompt_of, load_prompts, split_prompt_set)
+                                  _metadata_of, check_prompt_limits, _prompt_of, load_prompts, split_prompt_set)
 from eva_jax.data.sources import PROMPT_SOURCES
 from eva_jax.models.tokenizer import Tokenizer, get_tokenizer
 
@@ -460,15 +460,8 @@ def _check_args(who: str, name: Any, name_param: str, split: Any, feature: Any,
     if not isinstance(value, str) or not value:
       raise ValueError(f"{who}: {param}={value!r}; set {who}.{param} (gin) to a non-empty "
                        "string.")
-  if max_prompt_tokens is not None:
-    if tokenizer is None:
-      raise ValueError(f"{who}: max_prompt_tokens needs a tokenizer to count tokens (the "
-                       "run's own, passed by initial_prompts); pass tokenizer=, or "
-                       "max_prompt_tokens=None.")
-    if max_prompt_tokens < 1:
-      raise ValueError(f"{who}: max_prompt_tokens={max_prompt_tokens} must be >= 1.")
-  if limit is not None and limit < 1:
-    raise ValueError(f"{who}: limit={limit} must be >= 1 (or None for no limit).")
+  check_prompt_limits(who, tokenizer, max_prompt_tokens, limit,
+                      " (the run's own, passed by initial_prompts); pass tokenizer=")
   tok = None if tokenizer is None or max_prompt_tokens is None else get_tokenizer(tokenizer)
   modules = (modules,) if isinstance(modules, str) else tuple(modules)
   metadata_keys = (metadata_keys,) if isinstance(metadata_keys, str) else tuple(metadata_keys)
