@@ -17,7 +17,8 @@ shapes alone, every program a round runs at its largest shapes:
 
 For each it prints the per-chip memory XLA assigned (arguments, outputs, temporaries) plus the
 buffers the round keeps on the chips meanwhile (the train state and the reward model's params
-stay resident for the whole run), against the chip's HBM, and the time one call takes at `--mfu`: its model FLOPs (6 N per trained token, 2 N per
+stay resident for the whole run), against the chip's HBM, and the time one call takes at
+`--mfu`: its model FLOPs (6 N per trained token, 2 N per
 token forward, plus attention; the MFU convention) over the chips' peak. XLA's own
 `cost_analysis` FLOPs are reported beside them but not used: XLA counts a loop body once (the
 micro-batch loop, scanned layers, the decode loop), and on v4 / v5p (two TensorCores a chip)
@@ -545,7 +546,8 @@ def summarize(check: FitCheck, reports: list[ProgramReport]) -> dict:
       programs=[dict(dataclasses.asdict(r), total_gib=r.total_gib, fits=_fits(r, chip))
                 for r in reports],
       scanned_layers=scanned,
-      round_hours=None if round_s is None else round_s / 3600, fits=all(_fits(r, chip) for r in reports))
+      round_hours=None if round_s is None else round_s / 3600,
+      fits=all(_fits(r, chip) for r in reports))
 
 
 def _fits(report: ProgramReport, chip: ChipSpec) -> bool:

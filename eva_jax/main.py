@@ -78,7 +78,8 @@ def load_gin(files, bindings) -> None:
 
 def _on_cloud_tpu_vm() -> bool:
   try:
-    from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
     return bool(running_in_cloud_tpu_vm)
   except ImportError:  # a JAX that moved it: fall back on the TPU device files
     return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0"))

@@ -45,7 +45,8 @@ import gin
 import numpy as np
 
 from eva_jax.data.prompts import (PathLike, PromptCollector, PromptFileError, PromptSet,
-                                  _metadata_of, check_prompt_limits, _prompt_of, load_prompts, split_prompt_set)
+                                  _metadata_of, _prompt_of, check_prompt_limits, load_prompts,
+                                  split_prompt_set)
 from eva_jax.data.sources import PROMPT_SOURCES
 from eva_jax.models.tokenizer import Tokenizer, get_tokenizer
 
