@@ -16,8 +16,11 @@ and cannot beat step_bytes / bandwidth, where the bandwidth is measured here (an
 elementwise float32 op, read + write, like the peers' device_env.py). `roofline_new_tokens_per_s`
 = rows / that time; `roofline_fraction` = measured / roofline. The measured figure includes
 the prefill (which the roofline leaves out), so the fraction is a lower bound for the decode
-loop. `kv_bytes_per_step_attended` is what this implementation reads: it attends over the
-whole static cache (prompt bucket + max_new_tokens slots) every step.
+loop. `kv_bytes_per_step_attended` is what this implementation reads, on average per step:
+each of the `--decode_segments` decode loops attends over the slots written by its end (1: the
+whole static cache, prompt bucket + max_new_tokens slots, every step). `weight_bytes` are
+those of the sampler's decode copy (`--decode_params`; bfloat16 weights by default whatever
+`--param_dtype` the caller holds).
 
 Token selection alone (`--top_p_bench`, or `--top_p_bench_only` to skip the model): compiles
 and times one decode step's `sample_tokens` (temperature, top-p, Gumbel-max) on float32
@@ -64,6 +67,7 @@ from eva_jax import parallel  # noqa: E402
 from eva_jax.models import Transformer, get_config, init_cache  # noqa: E402
 from eva_jax.models.config import LOCAL  # noqa: E402
 from eva_jax.sampler import Sampler, sampling  # noqa: E402
+from eva_jax.sampler.sampler import DECODE_PARAMS  # noqa: E402
 
 # Seen on one H200 (2026-11-26), batch 256, prompt 256, 256 new tokens (shared/bench/README).
 TUNIX_ANCHOR = {"new_tokens_per_s": 13_900, "first_call_s": 36.0, "device": "H200"}
@@ -172,10 +176,11 @@ def aot_compile(model, mesh, args, methods) -> list:
   out = []
   for method in methods:
     sampler = Sampler(model, mesh, max_prompt_length=p_len, prompt_length_buckets=[p_len],
-                      max_batch_rows=rows, top_p_method=method)
+                      max_batch_rows=rows, top_p_method=method,
+                      decode_params=args.decode_params, decode_segments=args.decode_segments)
     cache = abstract(jax.eval_shape(lambda: init_cache(cfg, rows, length, sampler.cache_dtype)),
                      sampler.cache_shardings(rows, length))
-    call_args = (params, cache, batch((args.batch, p_len), jnp.int32),
+    call_args = (sampler.decode_layout(params), cache, batch((args.batch, p_len), jnp.int32),
                  batch((args.batch, p_len), jnp.bool_), batch((args.batch,), jnp.int32),
                  batch((args.batch,), jnp.bool_), batch((args.batch, 4), jnp.int32),
                  scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32))
@@ -191,7 +196,7 @@ def aot_compile(model, mesh, args, methods) -> list:
 
 
 def roofline(cfg, weight_bytes: int, rows: int, prompt_len: int, max_new: int,
-             cache_bytes: int, bandwidth: float) -> dict:
+             cache_bytes: int, bandwidth: float, segment_ends=None) -> dict:
   per_slot_layer = 2 * cfg.num_kv_heads * cfg.head_dim * cache_bytes  # k and v
   steps = max(1, max_new - 1)  # the first token comes from the prefill
   valid = []
@@ -201,7 +206,12 @@ def roofline(cfg, weight_bytes: int, rows: int, prompt_len: int, max_new: int,
                      for kind in cfg.attention_types))
   mean_slot_layers = sum(valid) / len(valid) if valid else 0.0
   kv_ideal = per_slot_layer * mean_slot_layers * rows
-  kv_attended = per_slot_layer * cfg.num_layers * (prompt_len + max_new) * rows
+  # Step t of a decode segment ending at `end` attends over prompt_len + end slots, as
+  # Sampler._generate slices them (the last segment: the whole cache).
+  ends = tuple(segment_ends or (max_new,))
+  widths = [prompt_len + next(e for e in ends if t < e) for t in range(1, max_new)]
+  mean_width = sum(widths) / len(widths) if widths else prompt_len + max_new
+  kv_attended = per_slot_layer * cfg.num_layers * mean_width * rows
   step_s = (weight_bytes + kv_ideal) / bandwidth
   return dict(weight_bytes=weight_bytes, kv_bytes_per_step_mean=kv_ideal,
               kv_bytes_per_step_attended=kv_attended, decode_steps=steps,
@@ -230,7 +240,18 @@ def main(argv=None):
   ap.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
   ap.add_argument("--top_p_method", default=sampling.DEFAULT_TOP_P_METHOD,
                   choices=sampling.TOP_P_METHODS)
-  ap.add_argument("--dtype", default="bfloat16", help="params, activations and KV cache")
+  ap.add_argument("--dtype", default="bfloat16", help="activations and KV cache")
+  ap.add_argument("--param_dtype", default=None,
+                  help="params as the caller holds them (default: --dtype; the round loop's "
+                       "train state holds float32)")
+  ap.add_argument("--decode_params", default="gathered", choices=DECODE_PARAMS,
+                  help="Sampler.decode_params: the copy of the params the decode loop reads")
+  ap.add_argument("--decode_segments", type=int, default=4,
+                  help="Sampler.decode_segments: 1 attends over the whole cache every step")
+  ap.add_argument("--config_overrides", default="{}",
+                  help='JSON of GemmaConfig fields to replace, e.g. \'{"attention_types": '
+                       '["local", "global"], "vocab_size": 32000}\' (a smaller model with a '
+                       "named config's widths, for a CPU)")
   ap.add_argument("--iters", type=int, default=3, help="timed calls after the first")
   ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel size of the mesh")
   ap.add_argument("--measure_prefill", action="store_true",
@@ -253,7 +274,11 @@ def main(argv=None):
                   help="comma-separated bits per pass to time for the threshold method")
   args = ap.parse_args(argv)
 
-  cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.dtype)
+  overrides = json.loads(args.config_overrides)
+  if "attention_types" in overrides:
+    overrides["attention_types"] = tuple(overrides["attention_types"])
+  cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
+                   **overrides)
   rows = args.batch * args.num_samples
   methods = [m for m in args.top_p_bench_methods.split(",") if m]
   for m in methods:
@@ -267,7 +292,9 @@ def main(argv=None):
                   jax=jax.__version__, dtype=args.dtype, batch=args.batch,
                   num_samples=args.num_samples, prompt_len=args.prompt_len,
                   max_new_tokens=args.max_new_tokens, top_p=args.top_p,
-                  top_k=args.top_k or None, compiled=aot_compile(model, mesh, args, methods))
+                  top_k=args.top_k or None, decode_params=args.decode_params,
+                  decode_segments=args.decode_segments,
+                  compiled=aot_compile(model, mesh, args, methods))
     return emit(result, f"sampler_aot_{args.config}.json")
   bench = {}
   if args.top_p_bench or args.top_p_bench_only:
@@ -288,11 +315,15 @@ def main(argv=None):
                                 jnp.ones((1, 8), jnp.int32))
   jax.block_until_ready(params)
   init_s = time.perf_counter() - t0
-  weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
 
   sampler = Sampler(model, mesh, max_prompt_length=args.prompt_len,
                     prompt_length_buckets=[args.prompt_len], max_batch_rows=rows,
-                    top_p_method=args.top_p_method)
+                    top_p_method=args.top_p_method, decode_params=args.decode_params,
+                    decode_segments=args.decode_segments)
+  # What a decode step reads: the sampler's copy of the params (made once, as the loop does).
+  params = sampler.prepare_params(params)
+  jax.block_until_ready(params)
+  weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
   rng = np.random.default_rng(0)
   prompts = [list(map(int, rng.integers(3, cfg.vocab_size - 1, args.prompt_len)))
              for _ in range(args.batch)]
@@ -334,7 +365,8 @@ def main(argv=None):
     probe = args.bandwidth_probe_mib or (256 if on_cpu else 2048)
     bandwidth = measure_bandwidth(probe << 20)
   roof = roofline(cfg, weight_bytes, rows, args.prompt_len, args.max_new_tokens,
-                  jnp.dtype(sampler.cache_dtype).itemsize, bandwidth)
+                  jnp.dtype(sampler.cache_dtype).itemsize, bandwidth,
+                  sampler.segment_ends(args.max_new_tokens))
   tokens_per_s = generated / run_s
   stats = jax.devices()[0].memory_stats() or {}
   result = dict(
@@ -343,6 +375,9 @@ def main(argv=None):
       batch=args.batch, num_samples=args.num_samples, prompt_len=args.prompt_len,
       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
       top_k=args.top_k or None, top_p_method=args.top_p_method,
+      param_dtype=args.param_dtype or args.dtype, decode_params=args.decode_params,
+      decode_segments=args.decode_segments, config_overrides=overrides,
+      segment_ends=sampler.segment_ends(args.max_new_tokens),
       params=cfg.num_params(), init_s=init_s,
       compile_s=compile_s, first_call_s=first_call_s, first_call_run_s=first_call_s - compile_s,
       run_s=run_s, run_s_all=runs, generated_tokens=generated,

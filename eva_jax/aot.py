@@ -154,6 +154,7 @@ KNOBS = {
                   "EvaConfig.max_length (less)",
     "reference_logps": "reference_logps.batch_size (less), create_mesh.mesh_shape",
     "sampler": "Sampler.max_batch_rows (less), Sampler.cache_dtype ('bfloat16'), "
+               "Sampler.decode_params ('cast' or 'as_given': no whole copy per chip), "
                "create_mesh.mesh_shape (tensor parallelism splits the cache's heads), "
                "EvaConfig.max_new_tokens",
     "reward_model": "ModelReward.batch_size or ModelReward.max_length (less), "
@@ -403,7 +404,10 @@ class FitCheck:
         shape, dtype, sharding=parallel.batch_sharding(self.mesh, len(shape), self.rules))
     scalar = lambda dtype: jax.ShapeDtypeStruct(
         (), dtype, sharding=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-    params = _abstract(self.abstract_state.params, self.state_shardings.params)
+    # The program reads the sampler's decode copy of the params (`Sampler.decode_params`);
+    # the train state stays resident beside it.
+    params = s.decode_layout(_abstract(self.abstract_state.params, self.state_shardings.params))
+    in_args = self.params_gib if s.decode_params == "as_given" else 0.0
     cache_shapes = jax.eval_shape(lambda: init_cache(self.policy.config, rows, length,
                                                      s.cache_dtype))
     cache = _abstract(cache_shapes, s.cache_shardings(rows, length))
@@ -416,30 +420,45 @@ class FitCheck:
     start = time.perf_counter()
     compiled = s._compile(args, statics, rows, length)  # pylint: disable=protected-access
     compile_s = time.perf_counter() - start
-    (_, prefill_bytes), (_, decode_bytes) = self._sampler_parts(params, b, p_len, rows, length)
+    # Decode segments (`Sampler.decode_segments`): steps up to each end attend over the slots
+    # written by then. A step is compiled on the side at the first and the last width; the
+    # widths between are interpolated (bytes and FLOPs are affine in the width).
+    ends = s.segment_ends(cfg.max_new_tokens)
+    widths = [p_len + e for e in ends]
+    steps = [e - prev for e, prev in zip(ends, (0,) + ends[:-1])]
+    (_, prefill_bytes), *decode_costs = self._sampler_parts(
+        params, b, p_len, rows, length, sorted({widths[0], widths[-1]}))
+    first, last = decode_costs[0][1], decode_costs[-1][1]
+    step_bytes = [first + (last - first) * (w - widths[0]) / max(1, widths[-1] - widths[0])
+                  for w in widths]
     chips, model = self.topology.num_chips, self.policy.config
     # Model FLOPs for compute; XLA's bytes for the memory-bound decode step (its params and
-    # cache reads, FSDP gathers included); every step attends over the whole cache (an upper
-    # bound, as is every row running to max_new_tokens).
+    # cache reads, FSDP gathers included); every row runs to max_new_tokens (an upper bound).
     prefill_flops = model_flops(model, b, p_len)
-    decode_flops = model_flops(model, rows, 1, key_len=length)
+    decode_flops = sum(n * model_flops(model, rows, 1, key_len=w) for n, w in zip(steps, widths))
     prefill_s = self._seconds(prefill_flops / chips, prefill_bytes)
-    decode_s = self._seconds(decode_flops / chips, decode_bytes)
+    decode_total_s = sum(n * self._seconds(model_flops(model, rows, 1, key_len=w) / chips, by)
+                         for n, w, by in zip(steps, widths, step_bytes))
+    decode_bytes = sum(n * by for n, by in zip(steps, step_bytes))
     calls = math.ceil(self.prompts_per_round / b)
     note = (f"{b} prompts x {k} samples, prompt bucket {p_len}, cache {length}; per call: "
             f"prefill {prefill_s:.2f} s + {cfg.max_new_tokens} decode steps of "
-            f"{1e3 * decode_s:.1f} ms (each the slower of its FLOPs and the "
-            f"{decode_bytes / GIB:.1f} GiB per chip XLA says it reads; every row to "
-            "max_new_tokens: an upper bound)")
+            f"{1e3 * decode_total_s / cfg.max_new_tokens:.1f} ms on average (each the "
+            f"slower of its FLOPs and the {decode_bytes / cfg.max_new_tokens / GIB:.1f} GiB "
+            f"per chip XLA says it reads on average, {last / GIB:.1f} over the whole cache; "
+            f"{len(ends)} decode segments; every row to max_new_tokens: an upper bound)")
+    note += (f"; decode params: {s.decode_params}, "
+             f"{per_chip_gib(params, [x.sharding for x in jax.tree_util.tree_leaves(params)]):.2f}"
+             " GiB per chip")
     return self._report(
-        "sampler", compiled, compile_s, self.params_gib, calls, KNOBS["sampler"],
-        prefill_flops + cfg.max_new_tokens * decode_flops,
-        seconds=prefill_s + cfg.max_new_tokens * decode_s,
-        bytes_accessed=prefill_bytes + cfg.max_new_tokens * decode_bytes, note=note)
+        "sampler", compiled, compile_s, in_args, calls, KNOBS["sampler"],
+        prefill_flops + decode_flops, seconds=prefill_s + decode_total_s,
+        bytes_accessed=prefill_bytes + decode_bytes, note=note)
 
-  def _sampler_parts(self, params, b, p_len, rows, length):
-    """XLA's (FLOPs, bytes) per chip of the prefill and of one decode step, compiled on the
-    side (the generation program's decode loop has a data-dependent trip count)."""
+  def _sampler_parts(self, params, b, p_len, rows, length, widths):
+    """XLA's (FLOPs, bytes) per chip of the prefill and of one decode step attending over
+    each of `widths` slots of the cache, compiled on the side (the generation program's
+    decode loops have data-dependent trip counts)."""
     # pylint: disable=import-outside-toplevel
     import functools
     import jax
@@ -468,9 +487,10 @@ class FitCheck:
     with parallel.with_mesh_rules(self.mesh, self.rules):
       out.append(_cost(jax.jit(prefill).lower(params, batch((b, p_len), jnp.int32),
                                               batch((b, p_len), jnp.bool_)).compile()))
-      out.append(_cost(jax.jit(decode, donate_argnums=(4,)).lower(
-          params, batch((rows, 1), jnp.int32), batch((rows, 1), jnp.int32),
-          batch((rows, length), jnp.bool_), cache, slot).compile()))
+      for width in widths:
+        out.append(_cost(jax.jit(decode, donate_argnums=(4,)).lower(
+            params, batch((rows, 1), jnp.int32), batch((rows, 1), jnp.int32),
+            batch((rows, width), jnp.bool_), cache, slot).compile()))
     return out
 
   def reward_program(self) -> Optional[ProgramReport]:

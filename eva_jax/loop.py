@@ -466,12 +466,14 @@ class EvaRun:
     prompts = [encode_chat(self.tokenizer, c) for c in conversations]
     out = []
     start = time.perf_counter()
+    # The decode copy of the params is made once for the phase's chunks, and dropped after.
+    params = self.sampler.prepare_params(self.train_state.params)
     with metrics_lib.progress(total=len(prompts), desc=f"round {self.rs.round} {desc}",
                               unit="prompt") as bar:
       for c0 in range(0, len(prompts), cfg.sample_chunk):
         chunk = prompts[c0:c0 + cfg.sample_chunk]
         out.extend(self.sampler.sample(
-            self.train_state.params, chunk, num_samples=k,
+            params, chunk, num_samples=k,
             max_new_tokens=max_new_tokens or cfg.max_new_tokens,
             temperature=cfg.temperature if temperature is None else temperature,
             top_p=cfg.top_p, seed=(seed + c0) % (2 ** 31), stop_tokens=self.stop_ids))

@@ -170,6 +170,24 @@ def init_params(model: nn.Module, rng: jax.Array, mesh: Mesh, rules=None, *init_
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
+def replicated_over_batch(rules=None) -> tuple[tuple[str, Any], ...]:
+  """`rules` with the batch's mesh axes taken out of every rule but `batch`'s own.
+
+  Arrays laid out by the result are whole on every device that holds a different part of the
+  batch and keep their other splits (e.g. heads over `tensor`): the sampler's decode layout
+  for params, which then never gathers FSDP shards inside the decode loop.
+  """
+  rules = logical_axis_rules() if rules is None else rules
+  batch_axes = set(next((_as_tuple(axes) for name, axes in rules if name == "batch"), ()))
+  out = []
+  for name, axes in rules:
+    if name != "batch":
+      kept = tuple(a for a in _as_tuple(axes) if a not in batch_axes)
+      axes = kept[0] if len(kept) == 1 else (kept or None)
+    out.append((name, axes))
+  return tuple(out)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
   """Sharding of a [batch, ...] array: batch over the data axes, the rest replicated."""
   rules = logical_axis_rules() if rules is None else rules

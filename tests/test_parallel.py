@@ -33,6 +33,18 @@ def test_logical_to_spec_uses_each_mesh_axis_once_and_respects_divisibility():
       jax.sharding.PartitionSpec(None, "fsdp")
 
 
+def test_replicated_over_batch_keeps_only_non_batch_splits():
+  mesh = parallel.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = parallel.replicated_over_batch(
+      (("length", ("data", "tensor")),) + parallel.logical_axis_rules())
+  spec = lambda axes: parallel.logical_to_spec(axes, mesh, rules, (8,) * len(axes))
+  assert spec(("vocab", "embed")) == jax.sharding.PartitionSpec("tensor", None)
+  assert spec(("heads", "embed", "head_dim")) == jax.sharding.PartitionSpec("tensor", None,
+                                                                            None)
+  assert spec(("batch", "length")) == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
+  assert dict(rules)["mlp"] == "tensor" and dict(rules)["embed"] is None
+
+
 def _process_info(n):
   x = np.arange(n * jax.process_count(), dtype=np.float32).reshape(-1, 1)
   mesh = parallel.create_mesh()

@@ -58,6 +58,7 @@ from eva_jax.sampler import sampling
 Array = jax.Array
 
 TRUNCATION_RULES = ("error", "left")
+DECODE_PARAMS = ("gathered", "cast", "as_given")
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 
@@ -133,6 +134,20 @@ class Sampler:
       older no-sort formulation, slow to compile on GPU) or "sort".
     reuse_cache: keep the KV cache buffer between calls of the same shape instead of
       allocating a fresh zeroed one per call (saves the fill; holds the memory).
+    decode_params: how `sample()` hands the params to the decode program (`prepare_params`).
+      "gathered" (default): a copy with the weight matrices in the compute dtype (the model
+      casts them to it before every matmul anyway, so samples are unchanged) laid out
+      `parallel.replicated_over_batch`: whole on every device of the data and fsdp axes,
+      split over `tensor` as before, so a decode step reads local bfloat16 weights instead of
+      all-gathering float32 FSDP shards for every token. It costs params / tensor-size bytes
+      per device while sampling. "cast": the compute-dtype copy in the params' own layout.
+      "as_given": the params as passed (no copy).
+    decode_segments: the decode loop runs as this many loops, one after the other, over
+      `max_new_tokens` cut into equal parts (ends rounded up to multiples of 16): the loop of
+      part i attends over the prompt and the first i + 1 parts' slots only, so a step reads
+      the cache written so far, not the whole cache (with prompt 256 and 256 new tokens, 4
+      segments read 81% of it on average). Each part compiles its own loop body; 1 attends
+      over the whole cache at every step.
   """
 
   def __init__(self, model: Transformer, mesh: Optional[Mesh] = None, rules=None, *,
@@ -140,7 +155,8 @@ class Sampler:
                min_prompt_bucket: int = 16,
                prompt_length_buckets: Optional[Sequence[int]] = None,
                max_batch_rows: int = 512, cache_dtype: Any = None,
-               top_p_method: str = sampling.DEFAULT_TOP_P_METHOD, reuse_cache: bool = False):
+               top_p_method: str = sampling.DEFAULT_TOP_P_METHOD, reuse_cache: bool = False,
+               decode_params: str = "gathered", decode_segments: int = 4):
     if isinstance(model, GemmaForSequenceClassification) or not isinstance(model, Transformer):
       raise TypeError(f"Sampler needs a causal LM (eva_jax.models.Transformer), got "
                       f"{type(model).__name__}.")
@@ -149,6 +165,11 @@ class Sampler:
     if top_p_method not in sampling.TOP_P_METHODS:
       raise ValueError(f"Sampler top_p_method={top_p_method!r}: use one of "
                        f"{sampling.TOP_P_METHODS}.")
+    if decode_params not in DECODE_PARAMS:
+      raise ValueError(f"Sampler decode_params={decode_params!r}: use one of "
+                       f"{DECODE_PARAMS}.")
+    if int(decode_segments) < 1:
+      raise ValueError(f"Sampler decode_segments={decode_segments} must be >= 1.")
     if max_prompt_length < 1 or max_batch_rows < 1:
       raise ValueError(f"Sampler: max_prompt_length={max_prompt_length} and max_batch_rows="
                        f"{max_batch_rows} must be positive.")
@@ -174,6 +195,8 @@ class Sampler:
     self.cache_dtype = jnp.dtype(cache_dtype or self.config.dtype)
     self.top_p_method = top_p_method
     self.reuse_cache = reuse_cache
+    self.decode_params = decode_params
+    self.decode_segments = int(decode_segments)
     self.dp = parallel.data_parallel_size(self.mesh, self.rules)
     self.num_compilations = 0
     self.compile_seconds: list[float] = []
@@ -181,10 +204,71 @@ class Sampler:
     self._programs: dict[tuple, Any] = {}
     self._zero_cache: dict[tuple, Any] = {}
     self._kept_cache: dict[tuple, Any] = {}
+    self._param_axes = None
+    self._prepare_programs: dict[tuple, Any] = {}
 
   def release(self) -> None:
     """Drops KV caches kept by `reuse_cache` (e.g. before a train step needs the memory)."""
     self._kept_cache.clear()
+
+  # ---------------------------------------------------------------- decode params
+
+  def decode_layout(self, params) -> Any:
+    """`jax.ShapeDtypeStruct`s (with shardings) of the params as the decode program reads them
+    under `decode_params`; `params` may be arrays or abstract values with shardings."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if self.decode_params == "gathered":
+      if self._param_axes is None:
+        self._param_axes, _ = parallel.params_logical_axes(self.model,
+                                                           jnp.ones((1, 8), jnp.int32))
+      named = jax.tree_util.tree_flatten_with_path(self._param_axes,
+                                                   is_leaf=lambda x: isinstance(x, tuple))[0]
+      axes = [a for _, a in named]
+      keys = lambda pairs: [jax.tree_util.keystr(path) for path, _ in pairs]
+      if keys(named) != keys(leaves):
+        raise ValueError("Sampler: the params' tree is not the sampler's model's (a scanned "
+                         "model needs stacked params, see `stack_layers`; an unrolled one "
+                         "the `layer_i` tree).")
+      rules = parallel.replicated_over_batch(self.rules)
+      shardings = [NamedSharding(self.mesh, parallel.logical_to_spec(a, self.mesh, rules,
+                                                                     x.shape))
+                   for a, (_, x) in zip(axes, leaves)]
+    else:
+      shardings = [getattr(x, "sharding", None) or NamedSharding(self.mesh, P())
+                   for _, x in leaves]
+    compute = jnp.dtype(self.config.dtype)
+    specs = []
+    for (path, x), sharding in zip(leaves, shardings):
+      dtype = jnp.dtype(x.dtype)
+      # Norm scales stay as they are: the model reads them in float32, every other float
+      # weight in the compute dtype.
+      if (self.decode_params != "as_given" and jnp.issubdtype(dtype, jnp.floating)
+          and getattr(path[-1], "key", None) != "scale"):
+        dtype = compute
+      specs.append(jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding))
+    return jax.tree_util.tree_unflatten(treedef, specs)
+
+  def prepare_params(self, params) -> Any:
+    """The params as the decode program reads them (see `decode_params`).
+
+    `sample()` calls it on every call; params it already prepared come back as they are, so
+    a caller sampling in many calls can prepare once (and drop the copy after)."""
+    params = jax.tree_util.tree_map(
+        lambda x: x if isinstance(x, jax.Array) else self._put(np.asarray(x), batch=False),
+        params)
+    specs = self.decode_layout(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    targets = treedef.flatten_up_to(specs)
+    if all(x.dtype == t.dtype and x.sharding.is_equivalent_to(t.sharding, x.ndim)
+           for x, t in zip(leaves, targets)):
+      return params
+    key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+    if key not in self._prepare_programs:
+      dtypes = [t.dtype for t in targets]
+      self._prepare_programs[key] = jax.jit(
+          lambda xs: [x.astype(d) for x, d in zip(xs, dtypes)],
+          out_shardings=[t.sharding for t in targets])
+    return jax.tree_util.tree_unflatten(treedef, self._prepare_programs[key](leaves))
 
   # ---------------------------------------------------------------- host side
 
@@ -259,6 +343,18 @@ class Sampler:
           out_shardings=self.cache_shardings(rows, length))
     return self._zero_cache[key]()
 
+  def segment_ends(self, max_new_tokens: int) -> tuple[int, ...]:
+    """The decode steps at which each part of the decode loop ends (see `decode_segments`):
+    `max_new_tokens` cut into `decode_segments` equal parts, ends rounded up to multiples of
+    16 (fewer parts when they would be shorter than that); the last end is max_new_tokens."""
+    ends = []
+    for i in range(1, self.decode_segments + 1):
+      part = -(-max_new_tokens * i // self.decode_segments)  # ceil
+      end = min(max_new_tokens, -(-part // 16) * 16)
+      if not ends or end > ends[-1]:
+        ends.append(end)
+    return tuple(ends)
+
   def sample(self, params, prompts: Sequence[Sequence[int]], num_samples: int = 1,
              max_new_tokens: int = 64, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: float = 1.0, seed: int = 0,
@@ -269,8 +365,8 @@ class Sampler:
     Every process passes the same global `prompts` and gets every sample back.
 
     Args:
-      params: the model's params (jax arrays, e.g. from `parallel.init_params`; bf16 weights
-        halve the bytes each decode step reads).
+      params: the model's params (jax arrays, e.g. from `parallel.init_params`, or numpy),
+        in any layout; the decode program reads `prepare_params(params)`.
       prompts: token-id lists (BOS and chat template included by the caller).
       num_samples: n continuations per prompt; the prompt is prefilled once.
       max_new_tokens: the most new tokens per sample (stop token included).
@@ -297,6 +393,7 @@ class Sampler:
       raise ValueError(f"Sampler: seed={seed} must be in [0, 2**31).")
     prompts = [self._prepare_prompt(i, p) for i, p in enumerate(prompts)]
     stops = self._stop_lists(stop_tokens, len(prompts))
+    params = self.prepare_params(params)
     results: list[Optional[list[Sample]]] = [None] * len(prompts)
     self.last_stats = []
     # Sort by length so a chunk's prompts share a tight bucket; stable, so every process
@@ -337,9 +434,6 @@ class Sampler:
     use_top_p = (not greedy) and top_p < 1.0
     top_k = None if greedy or top_k is None else int(top_k)
     rows, length = b * n, p_len + max_new
-    params = jax.tree_util.tree_map(
-        lambda x: x if isinstance(x, jax.Array) else self._put(np.asarray(x), batch=False),
-        params)
     cache = self._new_cache(rows, length)
     args = (params, cache, self._put(tokens), self._put(mask), self._put(index),
             self._put(valid), self._put(stop_ids), self._put(np.int32(seed), batch=False),
@@ -453,15 +547,15 @@ class Sampler:
     done = stopped | ~repeat(row_valid)
     lengths = jnp.ones((rows,), jnp.int32)
 
-    def cond(state):
+    def cond(state, end):
       step, done = state[0], state[3]
-      return (step < max_new) & ~jnp.all(done)
+      return (step < end) & ~jnp.all(done)
 
-    def body(state):
+    def body(state, window):
       step, cache, last, done, stopped, lengths, out_tokens, out_logprobs = state
       slot = p_len + step - 1  # where the previous token goes
       logits, cache = apply(last[:, None], positions=(next_position + step - 1)[:, None],
-                            attention_mask=attention_mask, cache=cache, cache_index=slot)
+                            attention_mask=window, cache=cache, cache_index=slot)
       tok, lp = pick(logits[:, 0], step)
       active = ~done
       tok = jnp.where(active, tok, cfg.pad_id)
@@ -473,8 +567,15 @@ class Sampler:
               out_tokens, out_logprobs)
 
     state = (jnp.int32(1), cache, tok, done, stopped, lengths, out_tokens, out_logprobs)
-    step, cache, _, _, stopped, lengths, out_tokens, out_logprobs = jax.lax.while_loop(
-        cond, body, state)
+    # One loop per segment, each attending over the slots written by its end (the step that
+    # writes slot p_len + step - 1 runs while step < end) and one more, so that the width
+    # p_len + end stays a multiple of 16 (an odd width costs XLA a copy of the cache slice);
+    # a loop whose rows are all done exits at once, so later segments cost nothing then.
+    for end in self.segment_ends(max_new):
+      window = attention_mask[:, :p_len + end]
+      state = jax.lax.while_loop(functools.partial(cond, end=end),
+                                 functools.partial(body, window=window), state)
+    step, cache, _, _, stopped, lengths, out_tokens, out_logprobs = state
     out = dict(tokens=out_tokens, logprobs=out_logprobs, lengths=lengths, stopped=stopped,
                steps=step)
     return out, cache

@@ -176,3 +176,18 @@ def test_scanned_model_samples_the_same_tokens(config_name, mesh_shape, override
   prompts = mp_targets.prompts_for(LENGTHS, seed=4)
   kw = dict(temperature=0.0, stop_tokens=[], **COMMON)
   _assert_same(ssampler.sample(sparams, prompts, **kw), sampler.sample(params, prompts, **kw))
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "tiny_gemma1"])
+def test_decode_segments_sample_as_one_loop_over_the_whole_cache(config_name):
+  """Decode loops attending over the slots written so far (48 new tokens in 3 segments, past
+  tiny's sliding window of 16) sample what one loop over the whole cache samples; rows that
+  stop early end the later loops at once."""
+  model, params, whole = one_device(config_name)
+  whole = Sampler(model, whole.mesh, decode_segments=1)
+  segmented = Sampler(model, whole.mesh, decode_segments=3)
+  assert segmented.segment_ends(48) == (16, 32, 48)
+  prompts = mp_targets.prompts_for(LENGTHS, seed=8)
+  for kw in (dict(temperature=0.0, stop_tokens=[]), dict(SAMPLED, seed=5, stop_tokens=[7, 9])):
+    kw = dict(kw, num_samples=2, max_new_tokens=48)
+    _assert_same(whole.sample(params, prompts, **kw), segmented.sample(params, prompts, **kw))

@@ -5,9 +5,11 @@ import importlib.util
 import os
 
 import gin
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from eva_jax.models import GemmaForSequenceClassification, get_config
 from eva_jax.sampler import Sampler, pick_bucket, power_of_two_buckets
@@ -163,3 +165,90 @@ def test_knobs_bind_with_gin(tiny):
     gin.clear_config()
   assert sampler.prompt_buckets == (8, 16, 32, 64) and sampler.truncation == "left"
   assert Sampler(model, mesh).prompt_buckets[0] == 16  # defaults again without gin
+
+
+def _leaf_layouts(tree):
+  return [(x.dtype, x.sharding.spec) for x in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_bf16():
+  """float32 params FSDP-sharded over 4 devices x tensor 2, bfloat16 compute (the train
+  state's layout and dtypes)."""
+  return mp_targets.build("tiny", {"fsdp": 4, "tensor": 2}, dtype="bfloat16",
+                          param_dtype="float32")
+
+
+def test_gathered_decode_params_sample_exactly_as_the_train_layout(fsdp_bf16):
+  """The default decode copy (compute-dtype weights, whole on every data/fsdp device) gives
+  the same tokens and log-probs, to the bit, as decoding the float32 FSDP shards."""
+  model, mesh, params = fsdp_bf16
+  given = Sampler(model, mesh, decode_params="as_given")
+  gathered = Sampler(model, mesh)
+  assert gathered.decode_params == "gathered"
+  prepared = gathered.prepare_params(params)
+  layer = prepared["layer_0"]
+  assert layer["attn"]["q_einsum"].dtype == jnp.bfloat16
+  assert layer["attn"]["q_einsum"].sharding.spec == P("tensor", None, None)
+  assert layer["mlp"]["gating_einsum"].sharding.spec == P(None, None, "tensor")
+  assert params["layer_0"]["mlp"]["gating_einsum"].sharding.spec == P(None, "fsdp", "tensor")
+  # Norm scales are read in float32 by the model: kept so, only replicated.
+  assert layer["pre_ffw_norm"]["scale"].dtype == jnp.float32
+  assert layer["pre_ffw_norm"]["scale"].sharding.spec == P(None)
+  # Prepared params come back as they are (no second copy per call).
+  again = jax.tree_util.tree_leaves(gathered.prepare_params(prepared))
+  assert all(a is b for a, b in zip(again, jax.tree_util.tree_leaves(prepared)))
+  cast = Sampler(model, mesh, decode_params="cast").prepare_params(params)
+  assert _leaf_layouts(cast["layer_1"]["mlp"]) == [
+      (jnp.bfloat16, x.sharding.spec)
+      for x in jax.tree_util.tree_leaves(params["layer_1"]["mlp"])]
+
+  prompts = mp_targets.prompts_for((3, 7, 12, 1), seed=6)
+  for kw in (dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=2)):
+    kw = dict(kw, num_samples=2, max_new_tokens=24, stop_tokens=[])
+    want, got = given.sample(params, prompts, **kw), gathered.sample(params, prompts, **kw)
+    got_prepared = gathered.sample(prepared, prompts, **kw)
+    for a, b, c in zip(want, got, got_prepared, strict=True):
+      for sa, sb, sc in zip(a, b, c, strict=True):
+        assert sa.tokens == sb.tokens == sc.tokens
+        np.testing.assert_array_equal(sa.logprobs, sb.logprobs)
+        np.testing.assert_array_equal(sa.logprobs, sc.logprobs)
+  assert len({t for per in want for s in per for t in s.tokens}) > 8
+
+
+def test_gathered_decode_program_gathers_no_weights():
+  """Over 8 FSDP devices, the program decoding the given float32 shards all-gathers weights
+  (every layer, every step); the one reading the gathered copy has no all-gather at all."""
+  model, mesh, params = mp_targets.build("tiny", {"fsdp": 8}, dtype="bfloat16",
+                                         param_dtype="float32")
+  prompts = mp_targets.prompts_for((3, 7, 12, 1, 5, 6, 7, 8), seed=6)
+  counts = {}
+  for mode in ("as_given", "gathered"):
+    sampler = Sampler(model, mesh, decode_params=mode)
+    sampler.sample(params, prompts, max_new_tokens=4, temperature=0.0)
+    (program,) = sampler._programs.values()  # pylint: disable=protected-access
+    counts[mode] = program.as_text().count("all-gather")
+  assert counts["as_given"] > 10 and counts["gathered"] == 0, counts
+
+
+def test_decode_params_errors_name_the_problem(tiny):
+  model, mesh, params = tiny
+  with pytest.raises(ValueError, match="decode_params='bf16'"):
+    Sampler(model, mesh, decode_params="bf16")
+  wrong = dict(params)
+  wrong.pop("layer_1")
+  with pytest.raises(ValueError, match="params' tree is not the sampler's model's"):
+    Sampler(model, mesh).sample(wrong, [[2, 3]])
+
+
+def test_segment_ends_cut_the_decode_loop(tiny):
+  model, mesh, _ = tiny
+  sampler = Sampler(model, mesh)
+  assert sampler.decode_segments == 4
+  assert sampler.segment_ends(512) == (128, 256, 384, 512)
+  assert sampler.segment_ends(100) == (32, 64, 80, 100)  # ends on multiples of 16
+  assert sampler.segment_ends(24) == (16, 24)
+  assert sampler.segment_ends(8) == (8,)
+  assert Sampler(model, mesh, decode_segments=1).segment_ends(512) == (512,)
+  with pytest.raises(ValueError, match="decode_segments=0 must be >= 1"):
+    Sampler(model, mesh, decode_segments=0)

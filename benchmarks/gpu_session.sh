@@ -1,0 +1,71 @@
+#!/bin/bash
+# eva_jax's GPU speed checks (issue 10's targets) beside the Tunix peers, in two device calls
+# that each fit the 600 s per-command limit. Prepare once, on the CPU machine, from the
+# project root (.gpu is git-ignored; carry it with the run):
+#   mkdir -p .gpu && cp -r ../shared/bench .gpu/bench && bash .gpu/bench/tunix_wheels.sh .gpu/whl
+#   pip download --no-deps -d .gpu/whl gin-config==0.5.0
+# Then, on the GPU machine: `PART=train bash benchmarks/gpu_session.sh` and
+# `PART=sampler bash benchmarks/gpu_session.sh`. Every step has its own time limit, so that a
+# slow compile costs that step only. Results: $OUT/*.json and $OUT/log.txt.
+# MODEL=tiny with SMALL=1 runs the same steps on small shapes (a CPU smoke test).
+set -o pipefail
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
+PART=${PART:-train}
+MODEL=${MODEL:-gemma2_2b}
+if [ -d .gpu/whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+log=$OUT/log.txt
+t0=$SECONDS
+step() { echo "=== $* (t=$((SECONDS-t0)) s)" | tee -a "$log"; }
+keep() { grep -E '^\{|Error|error|Traceback' | tail -4 | tee -a "$log"; }
+if [ -n "${SMALL:-}" ]; then
+  TRAIN_SHAPES="--pairs 2 --prompt_len 16 --response_len 16 --steps 2 --warmup 1"
+  SAMPLER_SHAPES="--batch 8 --prompt_len 32 --max_new_tokens 32 --iters 1"
+  PEER_SHAPES=""
+else
+  TRAIN_SHAPES="--pairs 4 --prompt_len 512 --response_len 512"
+  SAMPLER_SHAPES="--batch 256 --prompt_len 256 --max_new_tokens 256"
+  PEER_SHAPES=1
+fi
+train() {  # name, flags
+  step "eva_jax train step: $1"
+  OUT=$OUT timeout "${TRAIN_S:-130}" python3 benchmarks/train_step.py --config "$MODEL" \
+    $TRAIN_SHAPES $2 --out "$OUT/train_$1.json" 2>&1 | keep
+}
+sampler() {  # name, flags
+  step "eva_jax sampler: $1"
+  OUT=$OUT timeout "${SAMPLER_S:-110}" python3 benchmarks/sampler.py --config "$MODEL" \
+    $SAMPLER_SHAPES $2 2>&1 | keep
+  [ -f "$OUT/sampler_$MODEL.json" ] && mv "$OUT/sampler_$MODEL.json" "$OUT/sampler_$1.json"
+}
+step device
+[ -f .gpu/bench/device_env.py ] && python3 .gpu/bench/device_env.py 2>&1 | grep -v -i warning | tee -a "$log"
+case "$PART" in
+  train)
+    # The default (full remat, float32 params and Adam), the fastest candidates: no remat with
+    # bfloat16 params, and matmul outputs kept; scanned layers to keep compiles short.
+    train default ""
+    train scan_default "--scan_layers"
+    train scan_bf16_noremat "--scan_layers --remat none --param_dtype bfloat16 --state_dtype bfloat16"
+    train scan_dots "--scan_layers --remat dots"
+    if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_dpo.py ]; then
+      step tunix dpo
+      timeout "${PEER_S:-120}" python3 .gpu/bench/peer_tunix_dpo.py "$MODEL" 4 512 512 12 2>&1 | keep
+    fi ;;
+  sampler)
+    # The default (threshold top-p, gathered bfloat16 params, 4 decode segments), one loop
+    # over the whole cache, and the sort top-p it replaced; float32 params as the loop holds.
+    sampler default "--param_dtype float32"
+    sampler one_segment "--param_dtype float32 --decode_segments 1"
+    sampler sort "--param_dtype float32 --top_p_method sort"
+    if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_generate.py ]; then
+      step tunix sampler
+      timeout "${PEER_S:-120}" python3 .gpu/bench/peer_tunix_generate.py "$MODEL" 256 256 256 2>&1 | keep
+    fi ;;
+  *) echo "PART must be train or sampler, got $PART" >&2; exit 2 ;;
+esac
+step done
