@@ -7,14 +7,16 @@
 # Then, on the GPU machine: `PART=train bash benchmarks/gpu_session.sh` and
 # `PART=sampler bash benchmarks/gpu_session.sh`. Every step has its own time limit, so that a
 # slow compile costs that step only. Results: $OUT/*.json and $OUT/log.txt.
-# MODEL=tiny with SMALL=1 runs the same steps on small shapes (a CPU smoke test).
+# MODEL=tiny with SMALL=1 runs the same steps on small shapes (a CPU smoke test; PYTHON=
+# names the interpreter, python3 by default).
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
 PART=${PART:-train}
+PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-gemma2_2b}
 if [ -d .gpu/whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .gpu/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -31,15 +33,19 @@ else
   SAMPLER_SHAPES="--batch 256 --prompt_len 256 --max_new_tokens 256"
   PEER_SHAPES=1
 fi
+read -r -a train_shapes <<< "$TRAIN_SHAPES"
+read -r -a sampler_shapes <<< "$SAMPLER_SHAPES"
 train() {  # name, flags
   step "eva_jax train step: $1"
-  OUT=$OUT timeout "${TRAIN_S:-130}" python3 benchmarks/train_step.py --config "$MODEL" \
-    $TRAIN_SHAPES $2 --out "$OUT/train_$1.json" 2>&1 | keep
+  local flags; read -r -a flags <<< "$2"
+  timeout "${TRAIN_S:-130}" "$PYTHON" benchmarks/train_step.py --config "$MODEL" \
+    "${train_shapes[@]}" "${flags[@]}" --out "$OUT/train_$1.json" 2>&1 | keep
 }
 sampler() {  # name, flags
   step "eva_jax sampler: $1"
-  OUT=$OUT timeout "${SAMPLER_S:-110}" python3 benchmarks/sampler.py --config "$MODEL" \
-    $SAMPLER_SHAPES $2 2>&1 | keep
+  local flags; read -r -a flags <<< "$2"
+  timeout "${SAMPLER_S:-110}" "$PYTHON" benchmarks/sampler.py --config "$MODEL" \
+    "${sampler_shapes[@]}" "${flags[@]}" 2>&1 | keep
   [ -f "$OUT/sampler_$MODEL.json" ] && mv "$OUT/sampler_$MODEL.json" "$OUT/sampler_$1.json"
 }
 step device
@@ -57,10 +63,11 @@ case "$PART" in
       timeout "${PEER_S:-120}" python3 .gpu/bench/peer_tunix_dpo.py "$MODEL" 4 512 512 12 2>&1 | keep
     fi ;;
   sampler)
-    # The default (threshold top-p, gathered bfloat16 params, 4 decode segments), one loop
-    # over the whole cache, and the sort top-p it replaced; float32 params as the loop holds.
+    # The default (threshold top-p, gathered bfloat16 params, one decode loop), 4 decode
+    # segments (slower on a CPU), and the sort top-p it replaced; float32 params as the loop
+    # holds them.
     sampler default "--param_dtype float32"
-    sampler one_segment "--param_dtype float32 --decode_segments 1"
+    sampler segments4 "--param_dtype float32 --decode_segments 4"
     sampler sort "--param_dtype float32 --top_p_method sort"
     if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_generate.py ]; then
       step tunix sampler
@@ -68,4 +75,4 @@ case "$PART" in
     fi ;;
   *) echo "PART must be train or sampler, got $PART" >&2; exit 2 ;;
 esac
-step done
+step finished

@@ -246,8 +246,9 @@ def main(argv=None):
                        "train state holds float32)")
   ap.add_argument("--decode_params", default="gathered", choices=DECODE_PARAMS,
                   help="Sampler.decode_params: the copy of the params the decode loop reads")
-  ap.add_argument("--decode_segments", type=int, default=4,
-                  help="Sampler.decode_segments: 1 attends over the whole cache every step")
+  ap.add_argument("--decode_segments", type=int, default=1,
+                  help="Sampler.decode_segments: 1 (default) attends over the whole cache "
+                       "every step")
   ap.add_argument("--config_overrides", default="{}",
                   help='JSON of GemmaConfig fields to replace, e.g. \'{"attention_types": '
                        '["local", "global"], "vocab_size": 32000}\' (a smaller model with a '

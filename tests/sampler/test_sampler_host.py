@@ -243,12 +243,11 @@ def test_decode_params_errors_name_the_problem(tiny):
 
 def test_segment_ends_cut_the_decode_loop(tiny):
   model, mesh, _ = tiny
-  sampler = Sampler(model, mesh)
-  assert sampler.decode_segments == 4
+  assert Sampler(model, mesh).segment_ends(512) == (512,)  # the default: one loop
+  sampler = Sampler(model, mesh, decode_segments=4)
   assert sampler.segment_ends(512) == (128, 256, 384, 512)
   assert sampler.segment_ends(100) == (32, 64, 80, 100)  # ends on multiples of 16
   assert sampler.segment_ends(24) == (16, 24)
   assert sampler.segment_ends(8) == (8,)
-  assert Sampler(model, mesh, decode_segments=1).segment_ends(512) == (512,)
   with pytest.raises(ValueError, match="decode_segments=0 must be >= 1"):
     Sampler(model, mesh, decode_segments=0)

