@@ -446,7 +446,7 @@ class FitCheck:
             f"{1e3 * decode_total_s / cfg.max_new_tokens:.1f} ms on average (each the "
             f"slower of its FLOPs and the {decode_bytes / cfg.max_new_tokens / GIB:.1f} GiB "
             f"per chip XLA says it reads on average, {last / GIB:.1f} over the whole cache; "
-            f"{len(ends)} decode segments; every row to max_new_tokens: an upper bound)")
+            f"decode segments: {len(ends)}; every row to max_new_tokens: an upper bound)")
     note += (f"; decode params: {s.decode_params}, "
              f"{per_chip_gib(params, [x.sharding for x in jax.tree_util.tree_leaves(params)]):.2f}"
              " GiB per chip")
