@@ -249,6 +249,9 @@ def main(argv=None):
   ap.add_argument("--decode_segments", type=int, default=1,
                   help="Sampler.decode_segments: 1 (default) attends over the whole cache "
                        "every step")
+  ap.add_argument("--scan_layers", default=False, action=argparse.BooleanOptionalAction,
+                  help="the caller's model scans its layers (as a scanned train state's); the "
+                       "decode copy unrolls them unless --decode_params as_given")
   ap.add_argument("--config_overrides", default="{}",
                   help='JSON of GemmaConfig fields to replace, e.g. \'{"attention_types": '
                        '["local", "global"], "vocab_size": 32000}\' (a smaller model with a '
@@ -279,7 +282,7 @@ def main(argv=None):
   if "attention_types" in overrides:
     overrides["attention_types"] = tuple(overrides["attention_types"])
   cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
-                   **overrides)
+                   scan_layers=args.scan_layers, **overrides)
   rows = args.batch * args.num_samples
   methods = [m for m in args.top_p_bench_methods.split(",") if m]
   for m in methods:
@@ -377,6 +380,7 @@ def main(argv=None):
       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
       top_k=args.top_k or None, top_p_method=args.top_p_method,
       param_dtype=args.param_dtype or args.dtype, decode_params=args.decode_params,
+      scan_layers=args.scan_layers,
       decode_segments=args.decode_segments, config_overrides=overrides,
       segment_ends=sampler.segment_ends(args.max_new_tokens),
       params=cfg.num_params(), init_s=init_s,

@@ -408,8 +408,7 @@ class FitCheck:
     # the train state stays resident beside it.
     params = s.decode_layout(_abstract(self.abstract_state.params, self.state_shardings.params))
     in_args = self.params_gib if s.decode_params == "as_given" else 0.0
-    cache_shapes = jax.eval_shape(lambda: init_cache(self.policy.config, rows, length,
-                                                     s.cache_dtype))
+    cache_shapes = jax.eval_shape(lambda: init_cache(s.config, rows, length, s.cache_dtype))
     cache = _abstract(cache_shapes, s.cache_shardings(rows, length))
     args = (params, cache, batch((b, p_len), jnp.int32), batch((b, p_len), jnp.bool_),
             batch((b,), jnp.int32), batch((b,), jnp.bool_), batch((b, 4), jnp.int32),
@@ -466,7 +465,7 @@ class FitCheck:
     from eva_jax import parallel
     from eva_jax.models import init_cache
     s = self.sampler
-    model, cfg = self.policy, self.policy.config
+    model, cfg = s.decode_model, s.config
     batch = lambda shape, dtype: jax.ShapeDtypeStruct(
         shape, dtype, sharding=parallel.batch_sharding(self.mesh, len(shape), self.rules))
 

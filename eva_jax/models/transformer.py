@@ -37,8 +37,9 @@ the unrolled model does, without copying the cache. Remat policies apply per blo
 scan, as in MaxText. The price: inside the loop each layer's weights are a dynamic slice of
 the stacked params, which XLA may copy per iteration: noise next to a train step's matmuls,
 but a decode step reads every weight anyway, so it can cost decode throughput (on CPU, an
-8-layer Gemma 2 2B-width model decoded ~1.5x slower scanned); XLA's `cost_analysis` also
-counts the loop body once, not once per layer.
+8-layer Gemma 2 2B-width model decoded ~1.5x slower scanned), so the sampler decodes from an
+unrolled copy of a scanned model's params (`Sampler.decode_params`); XLA's `cost_analysis`
+also counts the loop body once, not once per layer.
 """
 
 from __future__ import annotations

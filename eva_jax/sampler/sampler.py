@@ -52,7 +52,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eva_jax import parallel
 from eva_jax.models.transformer import (GemmaForSequenceClassification, Transformer,
-                                        cache_logical_axes, default_positions, init_cache)
+                                        cache_logical_axes, default_positions, init_cache,
+                                        is_stacked, unstack_layers)
 from eva_jax.sampler import sampling
 
 Array = jax.Array
@@ -140,8 +141,9 @@ class Sampler:
       `parallel.replicated_over_batch`: whole on every device of the data and fsdp axes,
       split over `tensor` as before, so a decode step reads local bfloat16 weights instead of
       all-gathering float32 FSDP shards for every token. It costs params / tensor-size bytes
-      per device while sampling. "cast": the compute-dtype copy in the params' own layout.
-      "as_given": the params as passed (no copy).
+      per device while sampling. "cast": the compute-dtype copy in the rules' own layout.
+      Both unstack a scanned model's layers (`stack_layers`) for decode: the decode program
+      is the unrolled model's (`decode_model`). "as_given": the params as passed (no copy).
     decode_segments: the decode loop runs as this many loops, one after the other, over
       `max_new_tokens` cut into equal parts (ends rounded up to multiples of 16): the loop of
       part i attends over the prompt and the first i + 1 parts' slots only, so a step needs
@@ -176,7 +178,13 @@ class Sampler:
       raise ValueError(f"Sampler: max_prompt_length={max_prompt_length} and max_batch_rows="
                        f"{max_batch_rows} must be positive.")
     self.model = model
-    self.config = model.config
+    # A scanned model decodes from an unrolled copy of its params (any decode_params but
+    # "as_given"): a decode step then reads each layer's weights in place, where the scanned
+    # loop slices them out of the stack every step (1.75x slower decode on a CPU).
+    self.decode_model = (Transformer(model.config.replace(scan_layers=False))
+                         if model.config.scan_layers and decode_params != "as_given"
+                         else model)
+    self.config = self.decode_model.config
     self.mesh = parallel.create_mesh() if mesh is None else mesh
     self.rules = parallel.logical_axis_rules() if rules is None else tuple(rules)
     self.max_prompt_length = int(max_prompt_length)
@@ -215,39 +223,43 @@ class Sampler:
 
   # ---------------------------------------------------------------- decode params
 
+  def _to_decode_tree(self, params) -> Any:
+    """A scanned model's stacked params -> the unrolled tree its decode copy is (traceable)."""
+    if self.decode_model is not self.model and is_stacked(params):
+      return unstack_layers(params, self.model.config)
+    return params
+
   def decode_layout(self, params) -> Any:
     """`jax.ShapeDtypeStruct`s (with shardings) of the params as the decode program reads them
     under `decode_params`; `params` may be arrays or abstract values with shardings."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    if self.decode_params == "gathered":
-      if self._param_axes is None:
-        self._param_axes, _ = parallel.params_logical_axes(self.model,
-                                                           jnp.ones((1, 8), jnp.int32))
-      named = jax.tree_util.tree_flatten_with_path(self._param_axes,
-                                                   is_leaf=lambda x: isinstance(x, tuple))[0]
-      axes = [a for _, a in named]
-      keys = lambda pairs: [jax.tree_util.keystr(path) for path, _ in pairs]
-      if keys(named) != keys(leaves):
-        raise ValueError("Sampler: the params' tree is not the sampler's model's (a scanned "
-                         "model needs stacked params, see `stack_layers`; an unrolled one "
-                         "the `layer_i` tree).")
-      rules = parallel.replicated_over_batch(self.rules)
-      shardings = [NamedSharding(self.mesh, parallel.logical_to_spec(a, self.mesh, rules,
-                                                                     x.shape))
-                   for a, (_, x) in zip(axes, leaves)]
-    else:
-      shardings = [getattr(x, "sharding", None) or NamedSharding(self.mesh, P())
-                   for _, x in leaves]
+    if self.decode_params == "as_given":
+      return jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(
+              x, "sharding", None) or NamedSharding(self.mesh, P())), params)
+    tree = jax.eval_shape(self._to_decode_tree, params)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if self._param_axes is None:
+      self._param_axes, _ = parallel.params_logical_axes(self.decode_model,
+                                                         jnp.ones((1, 8), jnp.int32))
+    named = jax.tree_util.tree_flatten_with_path(self._param_axes,
+                                                 is_leaf=lambda x: isinstance(x, tuple))[0]
+    keys = lambda pairs: [jax.tree_util.keystr(path) for path, _ in pairs]
+    if keys(named) != keys(leaves):
+      raise ValueError("Sampler: the params' tree is not the sampler's model's (a scanned "
+                       "model needs stacked params, see `stack_layers`; an unrolled one "
+                       "the `layer_i` tree).")
+    rules = (parallel.replicated_over_batch(self.rules) if self.decode_params == "gathered"
+             else self.rules)
     compute = jnp.dtype(self.config.dtype)
     specs = []
-    for (path, x), sharding in zip(leaves, shardings):
+    for (path, x), (_, axes) in zip(leaves, named):
       dtype = jnp.dtype(x.dtype)
       # Norm scales stay as they are: the model reads them in float32, every other float
       # weight in the compute dtype.
-      if (self.decode_params != "as_given" and jnp.issubdtype(dtype, jnp.floating)
-          and getattr(path[-1], "key", None) != "scale"):
+      if jnp.issubdtype(dtype, jnp.floating) and getattr(path[-1], "key", None) != "scale":
         dtype = compute
-      specs.append(jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding))
+      spec = parallel.logical_to_spec(axes, self.mesh, rules, x.shape)
+      specs.append(jax.ShapeDtypeStruct(x.shape, dtype, sharding=NamedSharding(self.mesh, spec)))
     return jax.tree_util.tree_unflatten(treedef, specs)
 
   def prepare_params(self, params) -> Any:
@@ -260,17 +272,17 @@ class Sampler:
         params)
     specs = self.decode_layout(params)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    targets = treedef.flatten_up_to(specs)
-    if all(x.dtype == t.dtype and x.sharding.is_equivalent_to(t.sharding, x.ndim)
-           for x, t in zip(leaves, targets)):
+    if treedef == jax.tree_util.tree_structure(specs) and all(
+        x.dtype == t.dtype and x.sharding.is_equivalent_to(t.sharding, x.ndim)
+        for x, t in zip(leaves, treedef.flatten_up_to(specs))):
       return params
     key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
     if key not in self._prepare_programs:
-      dtypes = [t.dtype for t in targets]
       self._prepare_programs[key] = jax.jit(
-          lambda xs: [x.astype(d) for x, d in zip(xs, dtypes)],
-          out_shardings=[t.sharding for t in targets])
-    return jax.tree_util.tree_unflatten(treedef, self._prepare_programs[key](leaves))
+          lambda p: jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype),
+                                           self._to_decode_tree(p), specs),
+          out_shardings=jax.tree_util.tree_map(lambda t: t.sharding, specs))
+    return self._prepare_programs[key](params)
 
   # ---------------------------------------------------------------- host side
 
@@ -505,7 +517,7 @@ class Sampler:
     b, p_len = tokens.shape
     rows = b * n
     cache_sharding = self.cache_shardings(rows, p_len + max_new)
-    apply = functools.partial(self.model.apply, {"params": params})
+    apply = functools.partial(self.decode_model.apply, {"params": params})
     repeat = lambda x: jnp.repeat(x, n, axis=0)  # row r * n + j is sample j of prompt r
 
     # Prefill into a cache as long as the prompts, then place its rows n times in the decode

@@ -162,7 +162,8 @@ def test_sharded_on_8_devices_equals_one_device(config_name, mesh_shape):
     ("tiny", {"data": 4, "tensor": 2}, {})])
 def test_scanned_model_samples_the_same_tokens(config_name, mesh_shape, overrides):
   """Scanned layers (`scan_layers`): the same greedy tokens as the unrolled model, its
-  params stacked and its KV cache stacked [R, B, S, K, H] through the decode loop."""
+  params stacked and its KV cache stacked [R, B, S, K, H] through the decode loop
+  (decode_params="as_given"), or decoded from the unrolled copy the default makes."""
   if mesh_shape is None and not overrides:
     model, params, sampler = one_device(config_name)
   else:
@@ -171,11 +172,19 @@ def test_scanned_model_samples_the_same_tokens(config_name, mesh_shape, override
     sampler = Sampler(model, mesh)
   scanned = Transformer(model.config.replace(scan_layers=True))
   sparams = stack_layers(params, scanned.config)
-  ssampler = Sampler(scanned, sampler.mesh)
+  ssampler = Sampler(scanned, sampler.mesh, decode_params="as_given")
   assert "layers" in ssampler.cache_shardings(4, 8)
   prompts = mp_targets.prompts_for(LENGTHS, seed=4)
   kw = dict(temperature=0.0, stop_tokens=[], **COMMON)
-  _assert_same(ssampler.sample(sparams, prompts, **kw), sampler.sample(params, prompts, **kw))
+  want = sampler.sample(params, prompts, **kw)
+  _assert_same(ssampler.sample(sparams, prompts, **kw), want)
+  unrolled = Sampler(scanned, sampler.mesh)
+  assert unrolled.model is scanned and not unrolled.config.scan_layers
+  copy = unrolled.prepare_params(sparams)
+  assert "layers" not in copy and "layers" not in unrolled.cache_shardings(4, 8)
+  np.testing.assert_array_equal(np.asarray(copy["layer_2"]["mlp"]["linear"]),
+                                np.asarray(params["layer_2"]["mlp"]["linear"]))
+  _assert_same(unrolled.sample(sparams, prompts, **kw), want)
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "tiny_gemma1"])
