@@ -281,6 +281,9 @@ class FitCheck:
         self.policy, self.optimizer, self.mesh, self.rules)
     self.train_state_gib = per_chip_gib(self.abstract_state, self.state_shardings)
     self.params_gib = per_chip_gib(self.abstract_state.params, self.state_shardings.params)
+    # EvaConfig.reference = "initial" keeps the run's starting params for every round's
+    # reference log-probs: a second copy of the params, resident all run.
+    self.reference_params_gib = self.params_gib if self.cfg.reference == "initial" else 0.0
     self._sampler = None
     self.reward_model = None
     self.reward_gib = 0.0
@@ -326,7 +329,7 @@ class FitCheck:
     arg, out, temp, alias = _memory(compiled)
     xla_flops, xla_bytes = _cost(compiled)
     per_chip = flops / self.topology.num_chips
-    resident = self.train_state_gib + self.reward_gib
+    resident = self.train_state_gib + self.reward_gib + self.reference_params_gib
     return ProgramReport(
         name=name, argument_gib=arg, output_gib=out, temp_gib=temp, alias_gib=alias,
         resident_elsewhere_gib=max(0.0, resident - resident_in_args), flops_per_chip=per_chip,
@@ -560,6 +563,7 @@ def summarize(check: FitCheck, reports: list[ProgramReport]) -> dict:
       chips=check.topology.num_chips, chip=dataclasses.asdict(chip),
       mesh=dict(check.mesh.shape), solver=dataclasses.asdict(check.policy.config),
       train_state_gib_per_chip=check.train_state_gib, reward_params_gib_per_chip=check.reward_gib,
+      reference_params_gib_per_chip=check.reference_params_gib,
       mfu=check.mfu, hbm_efficiency=check.hbm_efficiency,
       prompts_per_round=check.prompts_per_round, pairs_per_round=check.pairs_per_round(),
       programs=[dict(dataclasses.asdict(r), total_gib=r.total_gib, fits=_fits(r, chip))
@@ -578,7 +582,10 @@ def format_report(summary: dict) -> str:
   lines = [f"{summary['topology']} ({summary['chips']} chips of {chip['family']}, "
            f"{chip['hbm_gib']:g} GiB HBM each), mesh {summary['mesh']}; train state "
            f"{summary['train_state_gib_per_chip']:.2f} GiB/chip, reward params "
-           f"{summary['reward_params_gib_per_chip']:.2f} GiB/chip (both resident all round)",
+           f"{summary['reward_params_gib_per_chip']:.2f} GiB/chip"
+           + (f", the initial params as reference {summary['reference_params_gib_per_chip']:.2f}"
+              " GiB/chip" if summary["reference_params_gib_per_chip"] else "")
+           + " (resident all round)",
            f"{'program':<16}{'args':>8}{'outputs':>9}{'temps':>8}{'resident':>10}{'total':>8}"
            f"{'HBM':>7}{'fits':>6}{'TFLOP/chip':>12}{'s/call':>9}{'calls':>8}{'compile s':>11}"]
   for p in summary["programs"]:

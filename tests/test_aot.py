@@ -52,6 +52,19 @@ def test_the_smoke_config_fits_a_v5e_slice(tmp_path, capsys):
   assert "train_step" in out and "One round" in out
 
 
+def test_initial_params_as_reference_are_counted_resident(tmp_path, capsys):
+  args = [*SMOKE, "--topology=v5e-4", "--programs=reference_logps"]
+  _, plain, _, _ = _run(tmp_path, args, capsys)
+  code, initial, out, _ = _run(
+      tmp_path, [*args, "--gin_bindings=EvaConfig.reference = 'initial'"], capsys)
+  assert code == 0 and plain["reference_params_gib_per_chip"] == 0
+  params_gib = initial["reference_params_gib_per_chip"]
+  assert params_gib == pytest.approx(initial["train_state_gib_per_chip"] / 3, rel=0.01)
+  [a], [b] = plain["programs"], initial["programs"]
+  assert b["resident_elsewhere_gib"] == pytest.approx(a["resident_elsewhere_gib"] + params_gib)
+  assert "the initial params as reference" in out
+
+
 def test_a_model_reward_is_compiled_too(tmp_path, capsys):
   code, summary, _, _ = _run(tmp_path, [
       *SMOKE, "--topology=v5e:2x2", "--reward_config=tiny", "--programs=reward_model",
