@@ -64,8 +64,8 @@ case "$PART" in
     fi ;;
   sampler)
     # The default (threshold top-p, gathered bfloat16 params, one decode loop), 4 decode
-    # segments (slower on a CPU), and the sort top-p it replaced; float32 params as the loop
-    # holds them.
+    # segments (no faster on a CPU), and the sort top-p it replaced; float32 params as the
+    # loop holds them.
     sampler default "--param_dtype float32"
     sampler segments4 "--param_dtype float32 --decode_segments 4"
     sampler sort "--param_dtype float32 --top_p_method sort"

@@ -411,8 +411,9 @@ class FitCheck:
     # the train state stays resident beside it.
     params = s.decode_layout(_abstract(self.abstract_state.params, self.state_shardings.params))
     in_args = self.params_gib if s.decode_params == "as_given" else 0.0
-    cache_shapes = jax.eval_shape(lambda: init_cache(s.config, rows, length, s.cache_dtype))
-    cache = _abstract(cache_shapes, s.cache_shardings(rows, length))
+    in_length = s.input_cache_length(length, cfg.max_new_tokens)
+    cache_shapes = jax.eval_shape(lambda: init_cache(s.config, rows, in_length, s.cache_dtype))
+    cache = _abstract(cache_shapes, s.cache_shardings(rows, in_length))
     args = (params, cache, batch((b, p_len), jnp.int32), batch((b, p_len), jnp.bool_),
             batch((b,), jnp.int32), batch((b,), jnp.bool_), batch((b, 4), jnp.int32),
             scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32))
@@ -422,14 +423,14 @@ class FitCheck:
     start = time.perf_counter()
     compiled = s._compile(args, statics, rows, length)  # pylint: disable=protected-access
     compile_s = time.perf_counter() - start
-    # Decode segments (`Sampler.decode_segments`): steps up to each end attend over the slots
-    # written by then. A step is compiled on the side at the first and the last width; the
-    # widths between are interpolated (bytes and FLOPs are affine in the width).
+    # Decode segments (`Sampler.decode_segments`): steps up to each end run on a cache of the
+    # slots written by then. A step is compiled on the side at the first and the last width;
+    # the widths between are interpolated (bytes and FLOPs are affine in the width).
     ends = s.segment_ends(cfg.max_new_tokens)
     widths = [p_len + e for e in ends]
     steps = [e - prev for e, prev in zip(ends, (0,) + ends[:-1])]
     (_, prefill_bytes), *decode_costs = self._sampler_parts(
-        params, b, p_len, rows, length, sorted({widths[0], widths[-1]}))
+        params, b, p_len, rows, sorted({widths[0], widths[-1]}))
     first, last = decode_costs[0][1], decode_costs[-1][1]
     step_bytes = [first + (last - first) * (w - widths[0]) / max(1, widths[-1] - widths[0])
                   for w in widths]
@@ -457,7 +458,7 @@ class FitCheck:
         prefill_flops + decode_flops, seconds=prefill_s + decode_total_s,
         bytes_accessed=prefill_bytes + decode_bytes, note=note)
 
-  def _sampler_parts(self, params, b, p_len, rows, length, widths):
+  def _sampler_parts(self, params, b, p_len, rows, widths):
     """XLA's (FLOPs, bytes) per chip of the prefill and of one decode step attending over
     each of `widths` slots of the cache, compiled on the side (the generation program's
     decode loops have data-dependent trip counts)."""
@@ -481,15 +482,15 @@ class FitCheck:
       return model.apply({"params": p}, last, positions=positions, attention_mask=mask,
                          cache=cache, cache_index=slot)
 
-    cache_shapes = jax.eval_shape(functools.partial(init_cache, cfg, rows, length,
-                                                    s.cache_dtype))
-    cache = _abstract(cache_shapes, s.cache_shardings(rows, length))
     slot = jax.ShapeDtypeStruct((), jnp.int32)
     out = []
     with parallel.with_mesh_rules(self.mesh, self.rules):
       out.append(_cost(jax.jit(prefill).lower(params, batch((b, p_len), jnp.int32),
                                               batch((b, p_len), jnp.bool_)).compile()))
       for width in widths:
+        cache = _abstract(jax.eval_shape(functools.partial(init_cache, cfg, rows, width,
+                                                           s.cache_dtype)),
+                          s.cache_shardings(rows, width))
         out.append(_cost(jax.jit(decode, donate_argnums=(4,)).lower(
             params, batch((rows, 1), jnp.int32), batch((rows, 1), jnp.int32),
             batch((rows, width), jnp.bool_), cache, slot).compile()))

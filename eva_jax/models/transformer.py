@@ -15,10 +15,7 @@ Calling conventions (all shapes static):
 * KV cache: pass `cache` (from `init_cache`) and `cache_index`, the slot where the first of
   the T new tokens is written. Query t sits at slot `cache_index + t` and sees slots
   `<= cache_index + t` that `attention_mask` [B, S] marks valid; local layers also require
-  `query_slot - key_slot < sliding_window`. Returns `(output, new_cache)`. An
-  `attention_mask` shorter than the cache (S' < S) attends over the first S' slots only: the
-  slots past it are neither read nor attended (the sampler's decode grows S' with the
-  generation, so a step reads the part of the cache written so far, not all of it).
+  `query_slot - key_slot < sliding_window`. Returns `(output, new_cache)`.
 
 Sliding windows are measured in slots (sequence indices), like HF; with padding only on the
 left, slot distances equal position distances, so this agrees with the official library too.
@@ -195,9 +192,6 @@ class Attention(nn.Module):
       value = nn.with_logical_constraint(
           jax.lax.dynamic_index_in_dim(new_cache["v"], start[0], 0, keepdims=False), CACHE_AXES)
 
-    if cache is not None and mask.shape[-1] < key.shape[1]:
-      # A mask shorter than the cache: the slots past it are not read (see the module doc).
-      key, value = key[:, :mask.shape[-1]], value[:, :mask.shape[-1]]
     b, t = q.shape[:2]
     groups = n // k
     # Query head j uses kv head j // groups (contiguous groups, as HF's repeat_kv).
@@ -394,9 +388,9 @@ class Transformer(nn.Module):
         raise ValueError("Transformer: a KV cache needs `cache_index`, the slot of the first "
                          "new token.")
       cache_len = jax.tree_util.tree_leaves(cache)[0].shape[-3]  # [..., S, K, H]
-      if attention_mask is not None and attention_mask.shape[-1] > cache_len:
+      if attention_mask is not None and attention_mask.shape[-1] != cache_len:
         raise ValueError(f"Transformer: attention_mask covers {attention_mask.shape[-1]} "
-                         f"slots but the cache has {cache_len}.")
+                         f"slots but the cache has {cache_len}; they must be equal.")
       query_slots = cache_index + jnp.arange(t)
       if positions is None:
         positions = jnp.broadcast_to(query_slots[None], (b, t))

@@ -145,13 +145,16 @@ class Sampler:
       Both unstack a scanned model's layers (`stack_layers`) for decode: the decode program
       is the unrolled model's (`decode_model`). "as_given": the params as passed (no copy).
     decode_segments: the decode loop runs as this many loops, one after the other, over
-      `max_new_tokens` cut into equal parts (ends rounded up to multiples of 16): the loop of
-      part i attends over the prompt and the first i + 1 parts' slots only, so a step needs
-      the cache written so far, not the whole cache (with prompt 256 and 256 new tokens, 4
-      segments attend over 81% of it on average). Each part compiles its own loop body. The
-      default, 1, attends over the whole cache at every step: on a CPU, XLA copies the
-      shorter slice of the cache out before attending, and 4 segments decoded 1.4x slower
-      (GPU and TPU unmeasured; the TPU fit check counts fewer bytes per step with 4).
+      `max_new_tokens` cut into equal parts (ends rounded up to multiples of 16). The loop of
+      part i runs on a cache of the prompt's and the first i + 1 parts' slots, copied into
+      the next, wider cache between loops, so a step reads only the cache written so far
+      (with prompt 256 and 256 new tokens, 4 segments read 81% of it on average) and reads
+      it whole, in place (attending over a slice of a bigger cache made XLA copy the slice
+      out every step: 1.4x slower on a CPU). Costs: each part compiles its own loop body;
+      the caches are built inside the program, up to two at once (the last two: up to twice
+      one whole cache); `reuse_cache` does not apply. On a CPU, 4 segments were no faster
+      than 1 (within noise on a cache-heavy shape), hence the default 1: the donated cache,
+      one loop. GPU and TPU unmeasured.
   """
 
   def __init__(self, model: Transformer, mesh: Optional[Mesh] = None, rules=None, *,
@@ -357,6 +360,11 @@ class Sampler:
           out_shardings=self.cache_shardings(rows, length))
     return self._zero_cache[key]()
 
+  def input_cache_length(self, length: int, max_new_tokens: int) -> int:
+    """Slots of the cache the generation program takes (donated): the whole cache with one
+    decode loop; 0 with several, which build their growing caches inside the program."""
+    return length if len(self.segment_ends(max_new_tokens)) == 1 else 0
+
   def segment_ends(self, max_new_tokens: int) -> tuple[int, ...]:
     """The decode steps at which each part of the decode loop ends (see `decode_segments`):
     `max_new_tokens` cut into `decode_segments` equal parts, ends rounded up to multiples of
@@ -448,7 +456,7 @@ class Sampler:
     use_top_p = (not greedy) and top_p < 1.0
     top_k = None if greedy or top_k is None else int(top_k)
     rows, length = b * n, p_len + max_new
-    cache = self._new_cache(rows, length)
+    cache = self._new_cache(rows, self.input_cache_length(length, max_new))
     args = (params, cache, self._put(tokens), self._put(mask), self._put(index),
             self._put(valid), self._put(stop_ids), self._put(np.int32(seed), batch=False),
             self._put(np.float32(temperature if not greedy else 1.0), batch=False),
@@ -467,7 +475,7 @@ class Sampler:
       self.compile_seconds.append(compile_s)
     start = time.perf_counter()
     out, cache = self._programs[key](*args)
-    if self.reuse_cache:
+    if self.reuse_cache and self.input_cache_length(length, max_new) == length:
       self._kept_cache[(rows, length)] = cache
     del cache
     out = parallel.global_to_host(out)
@@ -516,7 +524,6 @@ class Sampler:
     cfg, n = self.config, num_samples
     b, p_len = tokens.shape
     rows = b * n
-    cache_sharding = self.cache_shardings(rows, p_len + max_new)
     apply = functools.partial(self.decode_model.apply, {"params": params})
     repeat = lambda x: jnp.repeat(x, n, axis=0)  # row r * n + j is sample j of prompt r
 
@@ -528,11 +535,22 @@ class Sampler:
                                  cache_index=jnp.int32(0), return_hidden=True)
     # Rows sit on each array's `batch` axis: 0 per layer, 1 in a scanned model's stacked
     # [R, B, S, K, H] arrays.
-    cache = jax.tree_util.tree_map(
-        lambda big, small, s, axes: jax.lax.with_sharding_constraint(
-            jax.lax.dynamic_update_slice(big, jnp.repeat(small, n, axis=axes.index("batch")),
-                                         (0,) * big.ndim), s),
-        cache, prompt_cache, cache_sharding, cache_logical_axes(cfg))
+    cache_axes = cache_logical_axes(cfg)
+    prompt_cache = jax.tree_util.tree_map(
+        lambda small, axes: jnp.repeat(small, n, axis=axes.index("batch")), prompt_cache,
+        cache_axes)
+
+    ends = self.segment_ends(max_new)
+
+    def grown(small, width):
+      """A cache of `width` slots with `small`'s slots at its front: the donated cache with
+      one decode loop, new zeros with several (the program's input cache is then empty)."""
+      big = cache if len(ends) == 1 else init_cache(cfg, rows, width, self.cache_dtype)
+      return jax.tree_util.tree_map(
+          lambda big, small, s: jax.lax.with_sharding_constraint(
+              jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0,) * big.ndim), s),
+          big, small, self.cache_shardings(rows, width))
+
     logits = repeat(apply(hidden[:, -1], method="unembed"))  # [R, V] float32
 
     # Generated slots are valid from the start; causality hides the ones not written yet.
@@ -580,16 +598,21 @@ class Sampler:
       return (step + 1, cache, tok, done | hit, stopped | hit, lengths + active,
               out_tokens, out_logprobs)
 
-    state = (jnp.int32(1), cache, tok, done, stopped, lengths, out_tokens, out_logprobs)
-    # One loop per segment, each attending over the slots written by its end (the step that
+    state = (jnp.int32(1), prompt_cache, tok, done, stopped, lengths, out_tokens,
+             out_logprobs)
+    # One loop per segment, each over a cache of the slots written by its end (the step that
     # writes slot p_len + step - 1 runs while step < end) and one more, so that the width
-    # p_len + end stays a multiple of 16 (an odd width costs XLA a copy of the cache slice);
-    # a loop whose rows are all done exits at once, so later segments cost nothing then.
-    for end in self.segment_ends(max_new):
-      window = attention_mask[:, :p_len + end]
+    # p_len + end stays a multiple of 16. Between loops the cache is copied into the next,
+    # wider one: a step then reads a whole, smaller buffer in place (a slice of a bigger one
+    # would cost XLA a copy of the slice every step). A loop whose rows are all done exits
+    # at once, so later segments cost only their copy then.
+    for end in ends:
+      width = p_len + end
+      state = state[:1] + (grown(state[1], width),) + state[2:]
       state = jax.lax.while_loop(functools.partial(cond, end=end),
-                                 functools.partial(body, window=window), state)
-    step, cache, _, _, stopped, lengths, out_tokens, out_logprobs = state
+                                 functools.partial(body, window=attention_mask[:, :width]),
+                                 state)
+    step, out_cache, _, _, stopped, lengths, out_tokens, out_logprobs = state
     out = dict(tokens=out_tokens, logprobs=out_logprobs, lengths=lengths, stopped=stopped,
                steps=step)
-    return out, cache
+    return out, out_cache

@@ -55,19 +55,11 @@ def test_prefill_then_decode_with_cache_equals_full_forward(name):
   np.testing.assert_allclose(cached[0, 7:], full[0, 7:], atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(cached[1:], full[1:], atol=2e-5, rtol=2e-5)
 
-  # A mask shorter than the cache attends over its slots only (the sampler's growing window):
-  # the same logits and the same written cache, whatever the window past the query's slot.
-  for i, width in ((25, 26), (30, 33), (39, 40)):
-    want = step(params, ids[:, i:i + 1], positions[:, i:i + 1], cache, jnp.int32(i))
-    got = model.apply({"params": params}, ids[:, i:i + 1], positions=positions[:, i:i + 1],
-                      attention_mask=valid[:, :width], cache=cache, cache_index=jnp.int32(i))
-    np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
-                           got[1], want[1])
-    assert got[1]["layer_0"]["k"].shape == (3, s, cfg.num_kv_heads, cfg.head_dim)
-  with pytest.raises(ValueError, match="attention_mask covers 49 slots but the cache has 48"):
-    model.apply({"params": params}, ids[:, :1], attention_mask=jnp.ones((3, 49), bool),
-                cache=cache, cache_index=jnp.int32(0))
+  for slots in (47, 49):
+    with pytest.raises(ValueError, match=f"attention_mask covers {slots} slots but the cache "
+                                         "has 48"):
+      model.apply({"params": params}, ids[:, :1], attention_mask=jnp.ones((3, slots), bool),
+                  cache=cache, cache_index=jnp.int32(0))
 
 
 def test_left_padding_is_transparent():

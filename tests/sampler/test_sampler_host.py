@@ -249,5 +249,9 @@ def test_segment_ends_cut_the_decode_loop(tiny):
   assert sampler.segment_ends(100) == (32, 64, 80, 100)  # ends on multiples of 16
   assert sampler.segment_ends(24) == (16, 24)
   assert sampler.segment_ends(8) == (8,)
+  # Several loops build their caches inside the program: its donated input cache is empty.
+  assert sampler.input_cache_length(16 + 512, 512) == 0
+  assert Sampler(model, mesh).input_cache_length(16 + 512, 512) == 16 + 512
+  assert sampler.input_cache_length(16 + 8, 8) == 16 + 8  # one part only
   with pytest.raises(ValueError, match="decode_segments=0 must be >= 1"):
     Sampler(model, mesh, decode_segments=0)
