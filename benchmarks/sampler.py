@@ -17,8 +17,8 @@ elementwise float32 op, read + write, like the peers' device_env.py). `roofline_
 = rows / that time; `roofline_fraction` = measured / roofline. The measured figure includes
 the prefill (which the roofline leaves out), so the fraction is a lower bound for the decode
 loop. `kv_bytes_per_step_attended` is what this implementation reads, on average per step:
-each of the `--decode_segments` decode loops attends over the slots written by its end (1: the
-whole static cache, prompt bucket + max_new_tokens slots, every step). `weight_bytes` are
+each of the `--decode_segments` decode loops runs on a cache of the slots written by its end (1:
+the whole static cache, prompt bucket + max_new_tokens slots, every step). `weight_bytes` are
 those of the sampler's decode copy (`--decode_params`; bfloat16 weights by default whatever
 `--param_dtype` the caller holds).
 
@@ -178,8 +178,10 @@ def aot_compile(model, mesh, args, methods) -> list:
     sampler = Sampler(model, mesh, max_prompt_length=p_len, prompt_length_buckets=[p_len],
                       max_batch_rows=rows, top_p_method=method,
                       decode_params=args.decode_params, decode_segments=args.decode_segments)
-    cache = abstract(jax.eval_shape(lambda: init_cache(cfg, rows, length, sampler.cache_dtype)),
-                     sampler.cache_shardings(rows, length))
+    in_length = sampler.input_cache_length(length, args.max_new_tokens)
+    cache = abstract(jax.eval_shape(lambda: init_cache(cfg, rows, in_length,
+                                                       sampler.cache_dtype)),
+                     sampler.cache_shardings(rows, in_length))
     call_args = (sampler.decode_layout(params), cache, batch((args.batch, p_len), jnp.int32),
                  batch((args.batch, p_len), jnp.bool_), batch((args.batch,), jnp.int32),
                  batch((args.batch,), jnp.bool_), batch((args.batch, 4), jnp.int32),
@@ -206,8 +208,8 @@ def roofline(cfg, weight_bytes: int, rows: int, prompt_len: int, max_new: int,
                      for kind in cfg.attention_types))
   mean_slot_layers = sum(valid) / len(valid) if valid else 0.0
   kv_ideal = per_slot_layer * mean_slot_layers * rows
-  # Step t of a decode segment ending at `end` attends over prompt_len + end slots, as
-  # Sampler._generate slices them (the last segment: the whole cache).
+  # Step t of a decode segment ending at `end` runs on a cache of prompt_len + end slots, as
+  # Sampler._generate grows it (the last segment: the whole cache).
   ends = tuple(segment_ends or (max_new,))
   widths = [prompt_len + next(e for e in ends if t < e) for t in range(1, max_new)]
   mean_width = sum(widths) / len(widths) if widths else prompt_len + max_new

@@ -438,10 +438,11 @@ class FitCheck:
     # Model FLOPs for compute; XLA's bytes for the memory-bound decode step (its params and
     # cache reads, FSDP gathers included); every row runs to max_new_tokens (an upper bound).
     prefill_flops = model_flops(model, b, p_len)
-    decode_flops = sum(n * model_flops(model, rows, 1, key_len=w) for n, w in zip(steps, widths))
+    step_flops = [model_flops(model, rows, 1, key_len=w) for w in widths]
+    decode_flops = sum(n * f for n, f in zip(steps, step_flops))
     prefill_s = self._seconds(prefill_flops / chips, prefill_bytes)
-    decode_total_s = sum(n * self._seconds(model_flops(model, rows, 1, key_len=w) / chips, by)
-                         for n, w, by in zip(steps, widths, step_bytes))
+    decode_total_s = sum(n * self._seconds(f / chips, by)
+                         for n, f, by in zip(steps, step_flops, step_bytes))
     decode_bytes = sum(n * by for n, by in zip(steps, step_bytes))
     calls = math.ceil(self.prompts_per_round / b)
     note = (f"{b} prompts x {k} samples, prompt bucket {p_len}, cache {length}; per call: "

@@ -456,7 +456,8 @@ class Sampler:
     use_top_p = (not greedy) and top_p < 1.0
     top_k = None if greedy or top_k is None else int(top_k)
     rows, length = b * n, p_len + max_new
-    cache = self._new_cache(rows, self.input_cache_length(length, max_new))
+    in_length = self.input_cache_length(length, max_new)
+    cache = self._new_cache(rows, in_length)
     args = (params, cache, self._put(tokens), self._put(mask), self._put(index),
             self._put(valid), self._put(stop_ids), self._put(np.int32(seed), batch=False),
             self._put(np.float32(temperature if not greedy else 1.0), batch=False),
@@ -475,7 +476,7 @@ class Sampler:
       self.compile_seconds.append(compile_s)
     start = time.perf_counter()
     out, cache = self._programs[key](*args)
-    if self.reuse_cache and self.input_cache_length(length, max_new) == length:
+    if self.reuse_cache and in_length == length:
       self._kept_cache[(rows, length)] = cache
     del cache
     out = parallel.global_to_host(out)
@@ -545,11 +546,11 @@ class Sampler:
     def grown(small, width):
       """A cache of `width` slots with `small`'s slots at its front: the donated cache with
       one decode loop, new zeros with several (the program's input cache is then empty)."""
-      big = cache if len(ends) == 1 else init_cache(cfg, rows, width, self.cache_dtype)
+      target = cache if len(ends) == 1 else init_cache(cfg, rows, width, self.cache_dtype)
       return jax.tree_util.tree_map(
-          lambda big, small, s: jax.lax.with_sharding_constraint(
-              jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0,) * big.ndim), s),
-          big, small, self.cache_shardings(rows, width))
+          lambda big, part, s: jax.lax.with_sharding_constraint(
+              jax.lax.dynamic_update_slice(big, part.astype(big.dtype), (0,) * big.ndim), s),
+          target, small, self.cache_shardings(rows, width))
 
     logits = repeat(apply(hidden[:, -1], method="unembed"))  # [R, V] float32
 
