@@ -281,8 +281,6 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   overrides = json.loads(args.config_overrides)
-  if "attention_types" in overrides:
-    overrides["attention_types"] = tuple(overrides["attention_types"])
   cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
                    scan_layers=args.scan_layers, **overrides)
   rows = args.batch * args.num_samples

@@ -24,8 +24,8 @@ Reported:
 With `--aot_only`, `compile_s` is tracing + lowering + XLA compilation and `lower_s` the
 first two (without it both also include building the state and the batch);
 `compile_cpu_s` is the process's CPU time over the same span (steadier on a shared machine).
-`--scan_layers` / `--no-scan_layers` overrides the config's `scan_layers` (the layers as one
-`nn.scan`: one block, or one Gemma 2 (local, global) pair, compiled once).
+The layers are one `nn.scan` (one block, or one Gemma 2 (local, global) pair, compiled once)
+as `make_policy_model` builds them by default; `--no-scan_layers` compiles one program per layer.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ GIB = 2 ** 30
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--config", default="tiny", help="named model config (eva_jax.models)")
+  p.add_argument("--config_overrides", default="{}",
+                 help='JSON of GemmaConfig fields to replace, e.g. \'{"attention_types": '
+                      '["local", "global"], "vocab_size": 32000}\' (a smaller model with a '
+                      "named config's widths, for a CPU)")
   p.add_argument("--pairs", type=int, default=4, help="preference pairs per step")
   p.add_argument("--prompt_len", type=int, default=64)
   p.add_argument("--response_len", type=int, default=64)
@@ -61,9 +65,9 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--loss", default="dpo")
   p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_all"])
-  p.add_argument("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
-                 help="scan over layers (one block / Gemma 2 pair compiled once); default: "
-                      "the config's `scan_layers`")
+  p.add_argument("--scan_layers", default=True, action=argparse.BooleanOptionalAction,
+                 help="scan over layers (one block / Gemma 2 pair compiled once), as "
+                      "make_policy_model does by default; --no-scan_layers: unrolled")
   p.add_argument("--compute_dtype", default="bfloat16")
   p.add_argument("--param_dtype", default="float32")
   p.add_argument("--state_dtype", default="float32", help="Adam moments' dtype")
@@ -129,7 +133,8 @@ def compiled_memory_gib(compiled):
 
 def main(argv=None):
   args = parse_args(argv)
-  cfg = get_config(args.config)
+  overrides = json.loads(args.config_overrides)
+  cfg = get_config(args.config, overrides)
   mesh = parallel.create_mesh(json.loads(args.mesh))
   model = make_policy_model(cfg, remat=args.remat, compute_dtype=args.compute_dtype,
                             param_dtype=args.param_dtype, scan_layers=args.scan_layers)
@@ -142,7 +147,8 @@ def main(argv=None):
   tokens = 2 * args.pairs * length
   n_params = cfg.num_params()
   flops = 6.0 * n_params * tokens + 2 * args.pairs * attention_flops_per_sequence(cfg, length)
-  result = dict(bench="eva_jax_train_step", config=args.config, loss=args.loss,
+  result = dict(bench="eva_jax_train_step", config=args.config, config_overrides=overrides,
+                loss=args.loss,
                 pairs=args.pairs, length=length, tokens_per_step=tokens, params=n_params,
                 remat=args.remat, scan_layers=model.config.scan_layers,
                 compute_dtype=args.compute_dtype,

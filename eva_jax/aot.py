@@ -26,8 +26,9 @@ they come out per core. The sampler's decode steps are memory-bound: each takes 
 its FLOPs at `--mfu` and the bytes per chip XLA's cost analysis gives for one decode step
 compiled on the side (params and cache reads, FSDP gathers included) at `--hbm_efficiency` of
 the chip's bandwidth. It ends with the projected time of one round for
-`--prompts_per_round` prompts (not for scanned layers, whose loop XLA's cost analysis counts
-once), and exits 1 naming each program that does not fit and the knobs to turn.
+`--prompts_per_round` prompts (not when the sampler decodes scanned layers, whose loop XLA's
+cost analysis counts once: `Sampler.decode_params = "as_given"` with the policy's default
+`scan_layers`), and exits 1 naming each program that does not fit and the knobs to turn.
 
 Chip figures (per chip; Cloud TPU documentation): HBM, peak bf16 FLOP/s and HBM bandwidth.
 Topology names follow Cloud TPU's accelerator types: for v4 and v5p the number counts
@@ -558,7 +559,12 @@ class FitCheck:
 def summarize(check: FitCheck, reports: list[ProgramReport]) -> dict:
   chip = check.topology.chip
   scanned = bool(getattr(check.policy.config, "scan_layers", False))
-  round_s = (None if scanned or any(r.error for r in reports)
+  # The sampler's decode steps are timed from XLA's bytes, which count a scanned layer loop
+  # once: no projection when the sampler decodes the stacked params (decode_params =
+  # "as_given"); its default decode copy is unrolled.
+  decode_scanned = any(r.name == "sampler" and not r.error for r in reports) and bool(
+      check.sampler.decode_model.config.scan_layers)
+  round_s = (None if decode_scanned or any(r.error for r in reports)
              else sum(r.seconds * r.calls_per_round for r in reports))
   return dict(
       topology=check.topology.name, libtpu_topology=check.topology.libtpu_name,
@@ -570,7 +576,7 @@ def summarize(check: FitCheck, reports: list[ProgramReport]) -> dict:
       prompts_per_round=check.prompts_per_round, pairs_per_round=check.pairs_per_round(),
       programs=[dict(dataclasses.asdict(r), total_gib=r.total_gib, fits=_fits(r, chip))
                 for r in reports],
-      scanned_layers=scanned,
+      scanned_layers=scanned, decode_scanned=decode_scanned,
       round_hours=None if round_s is None else round_s / 3600,
       fits=all(_fits(r, chip) for r in reports))
 
@@ -604,10 +610,11 @@ def format_report(summary: dict) -> str:
   lines.append(f"One round (~{summary['prompts_per_round']} prompts, "
                f"{summary['pairs_per_round']} pairs) at {summary['mfu']:.0%} MFU and "
                f"{summary['hbm_efficiency']:.0%} of HBM bandwidth: "
-               + ("not projected (scanned layers: XLA's cost analysis counts the layer loop once, "
-                  "so the decode steps' bytes come out too low; run the check with "
-                  "make_policy_model.scan_layers = False for times)"
-                  if summary["scanned_layers"] else
+               + ("not projected (the sampler decodes the scanned layers: XLA's cost "
+                  "analysis counts the layer loop once, so the decode steps' bytes come out "
+                  "too low; run the check with Sampler.decode_params = 'gathered' or 'cast' "
+                  "for times)"
+                  if summary["decode_scanned"] else
                   "not projected (a program cannot run)" if hours is None else
                   f"{hours:.2f} h (sampler, reward, reference, train)")
                + "; memory in GiB per chip as XLA assigned it")

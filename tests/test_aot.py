@@ -103,12 +103,27 @@ def test_an_unreadable_checkpoint_asks_for_the_config_flag(capsys):
               "--gin_bindings=InitialPolicy.embedding_scale = 1.0"])
 
 
-def test_scanned_layers_get_memory_but_no_projected_time(tmp_path, capsys):
+def test_scanned_and_unrolled_layers_project_the_same_round(tmp_path, capsys):
+  # The train step is timed by its model FLOPs and the sampler by a decode step of its
+  # unrolled decode copy, so scanning the policy's layers changes memory, not the projection.
+  summaries = {}
+  for scan in (True, False):
+    code, summaries[scan], _, _ = _run(tmp_path, [
+        *SMOKE, "--topology=v5e:2x2", "--programs=train_step,sampler",
+        f"--gin_bindings=make_policy_model.scan_layers = {scan}"], capsys)
+    assert code == 0 and summaries[scan]["scanned_layers"] == scan
+    assert not summaries[scan]["decode_scanned"]
+  assert summaries[True]["round_hours"] == pytest.approx(summaries[False]["round_hours"],
+                                                         rel=0.02)
+  assert all(p["total_gib"] > 0 for p in summaries[True]["programs"])
+
+
+def test_decoding_scanned_layers_gets_memory_but_no_projected_time(tmp_path, capsys):
   # XLA's cost analysis counts a scanned layer loop once: no time is projected from it.
   code, summary, out, _ = _run(tmp_path, [
-      *SMOKE, "--topology=v5e:2x2", "--programs=train_step",
-      "--gin_bindings=make_policy_model.scan_layers = True"], capsys)
-  assert code == 0 and summary["scanned_layers"] and summary["round_hours"] is None
+      *SMOKE, "--topology=v5e:2x2", "--programs=sampler",
+      "--gin_bindings=Sampler.decode_params = 'as_given'"], capsys)
+  assert code == 0 and summary["decode_scanned"] and summary["round_hours"] is None
   assert summary["programs"][0]["total_gib"] > 0
   assert "counts the layer loop once" in out
 

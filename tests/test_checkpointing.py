@@ -21,7 +21,8 @@ def _state(mesh):
 def test_train_state_restores_onto_another_mesh(tmp_path):
   fsdp8 = parallel.create_mesh({"fsdp": -1})
   policy, opt, state = _state(fsdp8)
-  q = state.params["layer_0"]["attn"]["q_einsum"]
+  # The policy scans its layers (the default): its params are stacked over the layer pairs.
+  q = state.params["layers"]["block_0"]["attn"]["q_einsum"]
   assert "fsdp" in str(q.sharding.spec)
   ckpt = checkpointing.RunCheckpointer(tmp_path, async_train=True)
   ckpt.save_train(7, state)
@@ -31,9 +32,9 @@ def test_train_state_restores_onto_another_mesh(tmp_path):
   shardings, abstract = solver.train_state_shardings(policy, opt, data4)
   restored = ckpt.restore_train(7, checkpointing.abstract_with_shardings(abstract, shardings))
   ckpt.close()
-  r = restored.params["layer_0"]["attn"]["q_einsum"]
+  r = restored.params["layers"]["block_0"]["attn"]["q_einsum"]
   assert r.sharding.mesh.devices.size == 4 and r.sharding.spec == shardings.params[
-      "layer_0"]["attn"]["q_einsum"].spec
+      "layers"]["block_0"]["attn"]["q_einsum"].spec
   for a, b in zip(jax.tree_util.tree_leaves(parallel.global_to_host(state)),
                   jax.tree_util.tree_leaves(parallel.global_to_host(restored))):
     assert np.array_equal(a, b)

@@ -18,10 +18,15 @@ def random_pairs(n, max_length, seed=0, vocab=384, max_prompt=10, max_response=2
 
 def assert_same_training(init, final, final_want, metrics, metrics_want, learning_rate):
   """Two runs from the same `init`: updates (final - init) equal to 1e-3 relative and
-  1e-4 * learning_rate absolute (Adam divides by sqrt(v) + eps), per-step metrics to 1e-5."""
+  3e-4 * learning_rate absolute, per-step metrics to 1e-5.
+
+  The absolute part: float32 gradients summed in another order (another mesh, a scanned
+  layer loop) differ by a few ulps of their terms, ~3e-8 for terms near 0.1, and Adam turns a
+  gradient error d on a near-zero gradient into an update error of learning_rate * d / eps
+  (eps = 1e-4 in these tests)."""
   for a, b, a0 in zip(jax.tree_util.tree_leaves(final), jax.tree_util.tree_leaves(final_want),
                       jax.tree_util.tree_leaves(init)):
-    np.testing.assert_allclose(a - a0, b - a0, rtol=1e-3, atol=1e-4 * learning_rate)
+    np.testing.assert_allclose(a - a0, b - a0, rtol=1e-3, atol=3e-4 * learning_rate)
   for i, (m, mw) in enumerate(zip(metrics, metrics_want)):
     assert m.keys() == mw.keys()
     for k in m:

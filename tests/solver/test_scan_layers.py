@@ -4,7 +4,7 @@
 Tolerances: the scanned model runs the same ops, fused and ordered differently by XLA, so the
 loss and metrics agree to 1e-6 relative, gradients (unstacked) to 1e-5 of each leaf's largest
 entry, and train-step updates as in test_train_step.py (1e-3 relative, Adam divides by
-sqrt(v) + eps).
+sqrt(v) + eps: see `assert_same_training`).
 """
 
 import functools
@@ -48,7 +48,7 @@ def _assert_grads_close(stacked_grads, grads, config):
                                          ("gemma1", "full")])
 def test_dpo_loss_and_gradients_equal_unrolled(name, remat, pairs_factory):
   cfg = CONFIGS[name]
-  model = make_policy_model(cfg, remat=remat, compute_dtype="float32")
+  model = make_policy_model(cfg, remat=remat, compute_dtype="float32", scan_layers=False)
   scanned = make_policy_model(cfg, remat=remat, compute_dtype="float32", scan_layers=True)
   assert scanned.config.scan_layers and not model.config.scan_layers
   batch = pairs_factory(B, T, seed=5)
@@ -97,7 +97,7 @@ def test_sharded_train_step_equals_unrolled(small_config, pairs_factory, same_tr
                                             num_microbatches):
   cfg = small_config.replace(attention_types=(LOCAL, GLOBAL) * 2)
   mesh = parallel.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  model = make_policy_model(cfg, compute_dtype="float32")
+  model = make_policy_model(cfg, compute_dtype="float32", scan_layers=False)
   scanned = make_policy_model(cfg, compute_dtype="float32", scan_layers=True)
   pairs = pairs_factory(B, T, seed=3)
   init = create_train_state(model, _optimizer(), jax.random.key(0), mesh).params
@@ -121,10 +121,13 @@ def test_sharded_train_step_equals_unrolled(small_config, pairs_factory, same_tr
 
 
 def test_scan_layers_is_a_gin_knob_of_the_policy_model():
-  gin.parse_config("make_policy_model.scan_layers = True")
+  # Scanned by default; gin or the argument unrolls; None keeps the config's own setting.
   assert make_policy_model(get_config("tiny")).config.scan_layers
-  gin.clear_config()
-  assert not make_policy_model(get_config("tiny")).config.scan_layers
-  assert make_policy_model(get_config("tiny", scan_layers=True)).config.scan_layers
-  assert not make_policy_model(get_config("tiny", scan_layers=True),
-                               scan_layers=False).config.scan_layers
+  gin.parse_config("make_policy_model.scan_layers = False")
+  try:
+    assert not make_policy_model(get_config("tiny")).config.scan_layers
+  finally:
+    gin.clear_config()
+  assert not make_policy_model(get_config("tiny"), scan_layers=None).config.scan_layers
+  assert make_policy_model(get_config("tiny", scan_layers=True),
+                           scan_layers=None).config.scan_layers
