@@ -71,6 +71,9 @@ def parse_args(argv=None):
   p.add_argument("--compute_dtype", default="bfloat16")
   p.add_argument("--param_dtype", default="float32")
   p.add_argument("--state_dtype", default="float32", help="Adam moments' dtype")
+  p.add_argument("--master_dtype", default=None,
+                 help="dtype of the optimizer's master copy of the params (e.g. float32 with "
+                      "--param_dtype bfloat16); default: none")
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--chunk_size", type=int, default=256, help="positions per logits chunk")
   p.add_argument("--mesh", default='{"data": -1}', help='JSON, e.g. \'{"fsdp": -1}\'')
@@ -138,7 +141,7 @@ def main(argv=None):
   mesh = parallel.create_mesh(json.loads(args.mesh))
   model = make_policy_model(cfg, remat=args.remat, compute_dtype=args.compute_dtype,
                             param_dtype=args.param_dtype, scan_layers=args.scan_layers)
-  opt = make_optimizer(5e-7, state_dtype=args.state_dtype)
+  opt = make_optimizer(5e-7, state_dtype=args.state_dtype, master_dtype=args.master_dtype)
   loss_fn = get_loss_fn(args.loss)
   step = TrainStep(model, opt, loss_fn, mesh, num_microbatches=args.microbatches,
                    chunk_size=args.chunk_size)
@@ -153,6 +156,7 @@ def main(argv=None):
                 remat=args.remat, scan_layers=model.config.scan_layers,
                 compute_dtype=args.compute_dtype,
                 param_dtype=args.param_dtype, state_dtype=args.state_dtype,
+                master_dtype=args.master_dtype,
                 microbatches=args.microbatches, chunk_size=args.chunk_size,
                 mesh=dict(mesh.shape), backend=jax.default_backend(),
                 device=str(jax.devices()[0].device_kind), device_count=jax.device_count(),

@@ -8,7 +8,8 @@ optimizer leaf that mirrors a param (Adam's moments) takes that param's sharding
 Dtype policy (gin: `make_policy_model`): params are *stored* in `param_dtype` (float32 by
 default: updates of lr 5e-7 vanish in bfloat16 weights) and cast to `compute_dtype`
 (bfloat16) for matmuls inside the model; log-softmax and losses run in float32; Adam's moments
-are in `Optimizer.state_dtype` (float32).
+are in `Optimizer.state_dtype` (float32). With bfloat16 params, `make_optimizer(master_dtype=
+"float32")` keeps a float32 master copy in the optimizer state that the updates go to.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import optax
 from eva_jax import parallel
 from eva_jax.models.config import GemmaConfig
 from eva_jax.models.transformer import Transformer
-from eva_jax.solver.optimizer import Optimizer
+from eva_jax.solver.optimizer import Optimizer, cast_floating
 
 # Example input for shape-only model inits (the params do not depend on it).
 _EXAMPLE_IDS = jax.ShapeDtypeStruct((1, 8), jnp.int32)
@@ -66,19 +67,29 @@ def make_policy_model(config: GemmaConfig, remat: str = "full", compute_dtype: s
   return Transformer(config.replace(**changes), remat=remat)
 
 
-def _cast(tree: Any, dtype) -> Any:
-  return jax.tree_util.tree_map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def init_opt_state(optimizer: Optimizer, params: Any) -> Any:
-  """Optimizer state for `params`, its moments in `optimizer.state_dtype`."""
-  return optimizer.tx.init(_cast(params, optimizer.state_dtype))
+  """Optimizer state for `params`, its moments in `optimizer.state_dtype` (and its master
+  copy, if any, from `params` at their full precision)."""
+  if optimizer.master_dtype is not None:
+    return optimizer.tx.init(params)  # `with_master_weights` casts
+  return optimizer.tx.init(cast_floating(params, optimizer.state_dtype))
+
+
+def _check_master_dtype(model: nn.Module, optimizer: Optimizer) -> None:
+  master = optimizer.master_dtype
+  param = jnp.dtype(model.config.param_dtype)
+  if master is not None and jnp.dtype(master).itemsize <= param.itemsize:
+    raise ValueError(
+        f"make_optimizer.master_dtype = {jnp.dtype(master).name!r} is no wider than the "
+        f"params' own dtype ({param.name}): the master copy would keep nothing the params do "
+        f"not. Store the params in bfloat16 (make_policy_model.param_dtype = 'bfloat16') or "
+        f"drop master_dtype.")
 
 
 def train_state_shardings(model: nn.Module, optimizer: Optimizer, mesh: Mesh,
                           rules=None) -> tuple[TrainState, TrainState]:
   """(NamedShardings, abstract ShapeDtypeStructs) of the train state, nothing allocated."""
+  _check_master_dtype(model, optimizer)
   rules = parallel.logical_axis_rules() if rules is None else rules
   axes, abstract_params = parallel.params_logical_axes(model, _EXAMPLE_IDS)
   param_sh = parallel.logical_shardings(axes, mesh, rules, abstract_params)
@@ -100,18 +111,20 @@ def create_train_state(model: nn.Module, optimizer: Optimizer, rng: jax.Array, m
     rng: initialises params when `params` is None (the same key gives the same params on
       any mesh: JAX's partitionable threefry).
     params: existing params (e.g. from `from_pretrained`); cast to the model's param dtype and
-      resharded as the train state wants.
+      resharded as the train state wants (an optimizer's master copy is made from them as
+      given, before the cast).
   """
   rules = parallel.logical_axis_rules() if rules is None else rules
   shardings, abstract = train_state_shardings(model, optimizer, mesh, rules)
 
   def init(key, given):
     if given is None:
-      p = nn.unbox(model.init(key, jnp.ones(_EXAMPLE_IDS.shape, jnp.int32))["params"])
+      full = p = nn.unbox(model.init(key, jnp.ones(_EXAMPLE_IDS.shape, jnp.int32))["params"])
     else:
-      p = jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), given, abstract.params)
+      full = jax.tree_util.tree_map(jnp.asarray, given)
+      p = jax.tree_util.tree_map(lambda x, a: x.astype(a.dtype), full, abstract.params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                      opt_state=init_opt_state(optimizer, p))
+                      opt_state=init_opt_state(optimizer, full))
 
   with parallel.with_mesh_rules(mesh, rules):
     return jax.jit(init, out_shardings=shardings)(rng, params)

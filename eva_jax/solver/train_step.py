@@ -37,13 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import optax
 
 from eva_jax import parallel
 from eva_jax.solver import batch as batch_lib
 from eva_jax.solver.logprobs import pair_logps, sequence_logps
 from eva_jax.solver.losses import PreferenceLoss, get_loss_fn
-from eva_jax.solver.optimizer import Optimizer, make_optimizer
+from eva_jax.solver.optimizer import Optimizer, apply_to_params, make_optimizer
 from eva_jax.solver.train_state import TrainState, train_state_shardings
 
 Array = jax.Array
@@ -98,7 +97,10 @@ def _step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
 
     (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), micro)
     scale = 1.0 / num_microbatches
-    grads = jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+    # A master copy takes the float32 sums as they are; otherwise grads take the params' dtype.
+    grads = jax.tree_util.tree_map(
+        lambda g, p: g * scale if optimizer.master_dtype is not None else
+        (g * scale).astype(p.dtype), grads, params)
     # `tokens` is a count: summed over micro-batches, not averaged.
     metrics = {k: v if k == "tokens" else v * scale for k, v in metrics.items()}
   grads = jax.lax.with_sharding_constraint(grads, param_shardings)
@@ -110,8 +112,7 @@ def _step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
   # grads), so the donated buffers are reused and the step never retraces.
   opt_state = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), opt_state,
                                      state.opt_state)
-  new_params = optax.apply_updates(params, updates)
-  new_params = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), new_params, params)
+  new_params = apply_to_params(optimizer, params, updates, opt_state)
   return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
 
 
