@@ -53,14 +53,14 @@ step device
 case "$PART" in
   train)
     # The default (scanned layers, full remat, float32 params and Adam), then bfloat16 params
-    # with a float32 master copy (the eva recipe's lr 5e-7 updates survive) under full remat
-    # and with matmul outputs kept, and all in bfloat16 without remat as Tunix holds it (its
-    # updates vanish). Compiled for one TPU chip these take 50.5, 44.2, 56.2 and 99.2 GiB;
-    # Tunix peaked at 53.7 GiB. The unrolled default ran at 17.8k tokens/s after an 84 s compile.
+    # with a float32 master copy (the eva recipe's lr 5e-7 updates survive) under full remat,
+    # keeping matmul outputs, and without remat but for the attention scores. Compiled for one
+    # TPU chip these take 50.5, 44.2, 56.2 and 90.9 GiB; Tunix peaked at 53.7 GiB. The
+    # unrolled default ran at 17.8k tokens/s after an 84 s compile.
     train default ""
     train bf16_master "--param_dtype bfloat16 --master_dtype float32"
     train bf16_master_dots "--remat dots --param_dtype bfloat16 --master_dtype float32"
-    train bf16_noremat "--remat none --param_dtype bfloat16 --state_dtype bfloat16"
+    train bf16_master_attention "--remat attention --param_dtype bfloat16 --master_dtype float32"
     if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_dpo.py ]; then
       step tunix dpo
       timeout "${PEER_S:-120}" python3 .gpu/bench/peer_tunix_dpo.py "$MODEL" 4 512 512 12 2>&1 | keep

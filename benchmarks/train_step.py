@@ -64,7 +64,7 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--loss", default="dpo")
-  p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_all"])
+  p.add_argument("--remat", default="full", choices=["none", "attention", "full", "dots", "dots_all"])
   p.add_argument("--scan_layers", default=True, action=argparse.BooleanOptionalAction,
                  help="scan over layers (one block / Gemma 2 pair compiled once), as "
                       "make_policy_model does by default; --no-scan_layers: unrolled")

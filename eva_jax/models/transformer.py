@@ -41,6 +41,7 @@ also counts the loop body once, not once per layer.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -69,6 +70,9 @@ _BLOCK = "block_"
 
 _REMAT_POLICIES = {
     "none": None,
+    # No block remat; only the attention scores and softmax (float32, [B, K, G, T, S]: the
+    # largest activations) are recomputed in the backward pass, from the saved q, k, v.
+    "attention": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "dots_all": jax.checkpoint_policies.checkpoint_dots,
@@ -139,8 +143,12 @@ def apply_rope(x: Array, positions: Array, base: float) -> Array:
 
 
 class Attention(nn.Module):
+  """`recompute_scores`: keep only q, k, v for the backward pass and recompute the scores,
+  soft-cap and softmax from them (remat "attention")."""
+
   config: GemmaConfig
   attn_type: str
+  recompute_scores: bool = False
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array,
@@ -197,29 +205,33 @@ class Attention(nn.Module):
     # Query head j uses kv head j // groups (contiguous groups, as HF's repeat_kv).
     qg = q.reshape(b, t, k, groups, h)
     decoding = cache is not None and t == 1
-    if decoding:
-      # One new token against the whole cache: a dot contracting the [B, S, K, H] cache with
-      # batch dims (B, K) makes XLA transpose the whole cache to [B, K, S, H] on every step
-      # (an extra read and write of it per layer); a fused multiply-reduce reads it once, in
-      # place. Same math, float32 accumulation.
-      logits = jnp.sum(qg[:, 0, None].astype(jnp.float32) *
-                       key[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
-      logits = jnp.transpose(logits, (0, 2, 3, 1))[:, :, :, None, :]  # [B, K, G, 1, S]
-    else:
-      logits = jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(dtype),
-                          preferred_element_type=jnp.float32)
-    if cfg.attn_logit_softcap:
-      cap = cfg.attn_logit_softcap
-      logits = jnp.tanh(logits / cap) * cap
-    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    if decoding:
-      weights = jnp.transpose(probs[:, :, :, 0, :], (0, 3, 1, 2)).astype(jnp.float32)
-      enc = jnp.sum(weights[..., None] * value[:, :, :, None, :].astype(jnp.float32),
-                    axis=1).astype(dtype).reshape(b, t, n, h)  # sum over S of [B, S, K, G, H]
-    else:
-      enc = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(dtype)).reshape(b, t, n, h)
-    enc = nn.with_logical_constraint(enc, ACT_HEADS)
+
+    def attend(qg, key, value, mask):
+      if decoding:
+        # One new token against the whole cache: a dot contracting the [B, S, K, H] cache with
+        # batch dims (B, K) makes XLA transpose the whole cache to [B, K, S, H] on every step
+        # (an extra read and write of it per layer); a fused multiply-reduce reads it once, in
+        # place. Same math, float32 accumulation.
+        logits = jnp.sum(qg[:, 0, None].astype(jnp.float32) *
+                         key[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
+        logits = jnp.transpose(logits, (0, 2, 3, 1))[:, :, :, None, :]  # [B, K, G, 1, S]
+      else:
+        logits = jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(dtype),
+                            preferred_element_type=jnp.float32)
+      if cfg.attn_logit_softcap:
+        cap = cfg.attn_logit_softcap
+        logits = jnp.tanh(logits / cap) * cap
+      logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+      if decoding:
+        weights = jnp.transpose(probs[:, :, :, 0, :], (0, 3, 1, 2)).astype(jnp.float32)
+        return jnp.sum(weights[..., None] * value[:, :, :, None, :].astype(jnp.float32),
+                       axis=1).astype(dtype).reshape(b, t, n, h)  # sum over S: [B,S,K,G,H]
+      return jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(dtype)).reshape(b, t, n, h)
+
+    if self.recompute_scores and not decoding:
+      attend = jax.checkpoint(attend)
+    enc = nn.with_logical_constraint(attend(qg, key, value, mask), ACT_HEADS)
     out = jnp.einsum("btnh,nhd->btd", enc, o_w.astype(dtype))
     return out, new_cache
 
@@ -247,13 +259,14 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
   config: GemmaConfig
   attn_type: str
+  recompute_scores: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask, cache, cache_index, layer_index=None):
     cfg = self.config
     h = RMSNorm(cfg, name="pre_attention_norm")(x)
-    h, new_cache = Attention(cfg, self.attn_type, name="attn")(h, positions, mask, cache,
-                                                               cache_index, layer_index)
+    h, new_cache = Attention(cfg, self.attn_type, self.recompute_scores, name="attn")(
+        h, positions, mask, cache, cache_index, layer_index)
     if cfg.use_post_attn_norm:
       h = RMSNorm(cfg, name="post_attention_norm")(h)
     x = nn.with_logical_constraint(x + h, ACT_EMBED)
@@ -270,6 +283,8 @@ def _block_class(remat: str, scanned: bool):
     raise ValueError(f"Unknown remat policy {remat!r}; use one of {sorted(_REMAT_POLICIES)}.")
   if remat == "none":
     return Block
+  if remat == "attention":
+    return functools.partial(Block, recompute_scores=True)
   # Inside a scan the loop boundary already keeps XLA from merging the recomputation with the
   # forward pass, so CSE prevention (its optimisation barriers) is not needed (MaxText does
   # the same).
@@ -341,7 +356,8 @@ class Transformer(nn.Module):
   Attributes:
     config: the model's hyper-parameters (`config.scan_layers` scans the layers; see the
       module docstring).
-    remat: rematerialisation policy per block: "none", "full", "dots" or "dots_all".
+    remat: rematerialisation policy per block: "none", "attention" (recompute only the
+      attention scores and softmax), "full", "dots" or "dots_all".
   """
 
   config: GemmaConfig

@@ -50,8 +50,10 @@ def make_policy_model(config: GemmaConfig, remat: str = "full", compute_dtype: s
 
   Args:
     config: the model config (its own dtype fields are replaced by the two below).
-    remat: per-block rematerialisation: "none", "full" (save only block inputs), "dots"
-      (save matmul outputs without batch dims) or "dots_all".
+    remat: per-block rematerialisation: "none", "attention" (save everything but the
+      attention scores and softmax, recomputed from q, k, v: the largest activations for a
+      few percent more FLOPs), "full" (save only block inputs), "dots" (save matmul outputs
+      without batch dims) or "dots_all".
     compute_dtype: matmul / activation dtype.
     param_dtype: storage dtype of params in the train state.
     scan_layers: compile the layers as one scan (`GemmaConfig.scan_layers`: one block, or one

@@ -83,7 +83,8 @@ def test_sliding_window_changes_long_sequences_only():
   assert float(jnp.max(jnp.abs(windowed[:, w:] - wide[:, w:]))) > 1e-3
 
 
-def test_remat_keeps_values_and_gradients():
+@pytest.mark.parametrize("remat", ["full", "attention", "dots"])
+def test_remat_keeps_values_and_gradients(remat):
   cfg = get_config("tiny")
   ids = jnp.asarray(np.random.RandomState(3).randint(3, cfg.vocab_size, (2, 12)), jnp.int32)
   params = _params(Transformer(cfg), ids)
@@ -92,9 +93,29 @@ def test_remat_keeps_values_and_gradients():
     return jnp.mean(Transformer(cfg, remat=remat).apply({"params": p}, ids) ** 2)
 
   g_plain = jax.grad(loss)(params, "none")
-  g_remat = jax.grad(loss)(params, "full")
+  g_remat = jax.grad(loss)(params, remat)
   for a, b in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_remat)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_remat_keeps_no_attention_scores_for_the_backward_pass():
+  # Scanned layers (the solver's default), 256 tokens: without remat the backward pass keeps
+  # each layer's float32 scores, soft-capped scores and softmax [B, N, T, T]; remat
+  # "attention" recomputes them from q, k, v, so XLA's temporaries shrink by at least one
+  # such array per layer.
+  cfg = get_config("tiny", scan_layers=True)
+  b, t = 4, 256
+  ids = jnp.asarray(np.random.RandomState(3).randint(3, cfg.vocab_size, (b, t)), jnp.int32)
+  params = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), ids[:, :8]))["params"]
+
+  def temps(remat):
+    model = Transformer(cfg, remat=remat)
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, ids,
+                                                           return_hidden=True) ** 2)))
+    return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  scores_bytes = b * cfg.num_heads * t * t * 4 * cfg.num_layers
+  assert temps("attention") <= temps("none") - scores_bytes
 
 
 def test_hidden_then_unembed_equals_logits_and_softcap_bounds_logits():

@@ -44,7 +44,7 @@ def _assert_grads_close(stacked_grads, grads, config):
 
 
 @pytest.mark.parametrize("name,remat", [("gemma2", "full"), ("gemma2", "dots"),
-                                         ("gemma2", "none"), ("gemma2_odd", "full"),
+                                         ("gemma2", "none"), ("gemma2", "attention"), ("gemma2_odd", "full"),
                                          ("gemma1", "full")])
 def test_dpo_loss_and_gradients_equal_unrolled(name, remat, pairs_factory):
   cfg = CONFIGS[name]
