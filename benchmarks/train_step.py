@@ -20,7 +20,8 @@ Reported:
   peak_memory_gib   the device allocator's peak (GPU/TPU); None on CPU, where
                     `compiled_memory_gib` (XLA's buffer assignment: arguments + outputs +
                     temporaries - aliased) and `host_max_rss_gib` stand in
-`--aot_only` compiles from shapes alone (nothing allocated) and reports the compiled memory.
+`--aot_only` compiles from shapes alone (nothing allocated) and reports the compiled memory;
+with `--aot_topology v5p-8` it compiles for one chip of a TPU slice (libtpu; no TPU needed).
 With `--aot_only`, `compile_s` is tracing + lowering + XLA compilation and `lower_s` the
 first two (without it both also include building the state and the batch);
 `compile_cpu_s` is the process's CPU time over the same span (steadier on a shared machine).
@@ -80,6 +81,11 @@ def parse_args(argv=None):
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="peak FLOP/s of one device in TFLOP/s for MFU (default: measured)")
   p.add_argument("--aot_only", action="store_true", help="compile from shapes, do not run")
+  p.add_argument("--aot_topology", default=None,
+                 help="with --aot_only: compile for the first --aot_chips chips of this Cloud "
+                      "TPU slice (e.g. v5p-8; libtpu describes it, no TPU needed) instead of "
+                      "this machine's devices")
+  p.add_argument("--aot_chips", type=int, default=1)
   p.add_argument("--out", default=None, help="also write the JSON here (default: "
                  "$OUT/train_step_<config>.json when $OUT is set)")
   return p.parse_args(argv)
@@ -138,7 +144,13 @@ def main(argv=None):
   args = parse_args(argv)
   overrides = json.loads(args.config_overrides)
   cfg = get_config(args.config, overrides)
-  mesh = parallel.create_mesh(json.loads(args.mesh))
+  devices = None
+  if args.aot_topology:
+    if not args.aot_only:
+      raise SystemExit("--aot_topology compiles for chips that are not here: add --aot_only.")
+    from eva_jax import aot  # pylint: disable=import-outside-toplevel
+    devices = aot.topology_devices(aot.parse_topology(args.aot_topology))[:args.aot_chips]
+  mesh = parallel.create_mesh(json.loads(args.mesh), devices=devices)
   model = make_policy_model(cfg, remat=args.remat, compute_dtype=args.compute_dtype,
                             param_dtype=args.param_dtype, scan_layers=args.scan_layers)
   opt = make_optimizer(5e-7, state_dtype=args.state_dtype, master_dtype=args.master_dtype)
@@ -159,7 +171,7 @@ def main(argv=None):
                 master_dtype=args.master_dtype,
                 microbatches=args.microbatches, chunk_size=args.chunk_size,
                 mesh=dict(mesh.shape), backend=jax.default_backend(),
-                device=str(jax.devices()[0].device_kind), device_count=jax.device_count(),
+                device=str(mesh.devices.flat[0].device_kind), device_count=mesh.devices.size,
                 jax=jax.__version__)
 
   t0, cpu0 = time.perf_counter(), time.process_time()
