@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eva_jax import parallel  # noqa: E402
 from eva_jax.models import get_config  # noqa: E402
+from eva_jax.models.transformer import REMAT_POLICIES  # noqa: E402
 from eva_jax.solver import (TrainStep, create_train_state, get_loss_fn, make_optimizer,  # noqa: E402
                             make_policy_model)
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--loss", default="dpo")
-  p.add_argument("--remat", default="full", choices=["none", "attention", "full", "dots", "dots_all"])
+  p.add_argument("--remat", default="full", choices=REMAT_POLICIES)
   p.add_argument("--scan_layers", default=True, action=argparse.BooleanOptionalAction,
                  help="scan over layers (one block / Gemma 2 pair compiled once), as "
                       "make_policy_model does by default; --no-scan_layers: unrolled")

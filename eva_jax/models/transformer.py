@@ -77,6 +77,8 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "dots_all": jax.checkpoint_policies.checkpoint_dots,
 }
+# The names `Transformer(remat=...)` and `make_policy_model(remat=...)` take.
+REMAT_POLICIES = tuple(_REMAT_POLICIES)
 
 
 def _dtype(name: Any) -> jnp.dtype:

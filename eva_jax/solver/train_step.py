@@ -97,10 +97,9 @@ def _step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
 
     (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), micro)
     scale = 1.0 / num_microbatches
-    # A master copy takes the float32 sums as they are; otherwise grads take the params' dtype.
-    grads = jax.tree_util.tree_map(
-        lambda g, p: g * scale if optimizer.master_dtype is not None else
-        (g * scale).astype(p.dtype), grads, params)
+    grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+    if optimizer.master_dtype is None:  # a master copy takes the float32 sums as they are
+      grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
     # `tokens` is a count: summed over micro-batches, not averaged.
     metrics = {k: v if k == "tokens" else v * scale for k, v in metrics.items()}
   grads = jax.lax.with_sharding_constraint(grads, param_shardings)
