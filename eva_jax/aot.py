@@ -344,6 +344,11 @@ class FitCheck:
   def pairs_per_round(self) -> int:
     return int(self.cfg.pairs_per_round or self.prompts_per_round)
 
+  def scored_length(self) -> int:
+    """Positions per row the loop's train step and reference unembed (`EvaLoop`: the
+    responses' bound). The projected FLOPs still count every position (the MFU convention)."""
+    return min(self.cfg.max_new_tokens, self.cfg.max_length)
+
   def train_step(self) -> ProgramReport:
     # pylint: disable=import-outside-toplevel
     import jax
@@ -352,7 +357,8 @@ class FitCheck:
     from eva_jax.solver import batch as batch_lib
     cfg = self.cfg
     step = solver.make_train_step(self.policy, self.mesh, self.rules, optimizer=self.optimizer,
-                                  loss_fn=self.loss_fn, max_length=cfg.max_length)
+                                  loss_fn=self.loss_fn, max_length=cfg.max_length,
+                                  scored_length=self.scored_length())
     step._check_divisible(cfg.batch_size)  # pylint: disable=protected-access
     batch = {k: jax.ShapeDtypeStruct(
         (cfg.batch_size, cfg.max_length) if k in batch_lib.TOKEN_KEYS else (cfg.batch_size,),
@@ -378,6 +384,7 @@ class FitCheck:
     unit = parallel.data_parallel_size(self.mesh, self.rules)
     batch_size = -(-batch_size // unit) * unit
     fn = solver.make_reference_fn(self.policy, self.mesh, self.rules,
+                                  scored_length=self.scored_length(),
                                   param_shardings=self.state_shardings.params)
     rows = parallel.batch_sharding(self.mesh, 2, self.rules)
     tokens = jax.ShapeDtypeStruct((2 * batch_size, self.cfg.max_length), jnp.int32,

@@ -281,7 +281,7 @@ class EvaRun:
     self.reward = make_reward(mesh=self.mesh)
     self.group_of = prompt_groups(self.cfg.prompt_groups)
     self.evolver = make_evolver()
-    self._train_steps: dict[int, solver.TrainStep] = {}
+    self._train_steps: dict[tuple[int, int], solver.TrainStep] = {}
     # The optimizer's state has the same structure whatever the schedule's length, so any
     # round's optimizer describes the train state checkpoints hold.
     self._default_optimizer = solver.make_optimizer(
@@ -629,19 +629,29 @@ class EvaRun:
     if not (self.loss_fn.needs_reference and n):
       return None, {"reference/pairs": 0}
     ref = solver.reference_logps(self.policy, self._reference_params(),
-                                 {k: pairs[k] for k in solver.TOKEN_KEYS}, self.mesh)
+                                 {k: pairs[k] for k in solver.TOKEN_KEYS}, self.mesh,
+                                 scored_length=self._scored_length(pairs))
     return ref, {"reference/pairs": n,
                  "reference/chosen_logp_mean": float(np.mean(ref["ref_chosen_logps"])),
                  "reference/rejected_logp_mean": float(np.mean(ref["ref_rejected_logps"]))}
 
-  def _train_step(self, total_steps: int) -> solver.TrainStep:
-    if total_steps not in self._train_steps:
+  def _scored_length(self, pairs: dict) -> int:
+    """Positions per row that the train step and the reference unembed: the responses' bound
+    (max_new_tokens: the prompt's positions carry no loss), or the longest scored response
+    when a round resumed under a smaller max_new_tokens holds longer ones."""
+    longest = max(int(np.max(np.sum(pairs[f"{side}_loss_mask"], axis=1)))
+                  for side in ("chosen", "rejected"))
+    return min(max(self.cfg.max_new_tokens, longest), self.cfg.max_length)
+
+  def _train_step(self, total_steps: int, scored_length: int) -> solver.TrainStep:
+    key = (total_steps, scored_length)
+    if key not in self._train_steps:
       optimizer = solver.make_optimizer(
           learning_rate=solver.learning_rate_schedule(total_steps=total_steps))
-      self._train_steps[total_steps] = solver.make_train_step(
+      self._train_steps[key] = solver.make_train_step(
           self.policy, self.mesh, optimizer=optimizer, loss_fn=self.loss_fn,
-          max_length=self.cfg.max_length)
-    return self._train_steps[total_steps]
+          max_length=self.cfg.max_length, scored_length=scored_length)
+    return self._train_steps[key]
 
   def train(self, t: int, pairs: dict, seed: int):
     """Epochs of the preference loss over the round's pairs (resumable step by step)."""
@@ -652,7 +662,7 @@ class EvaRun:
       return None, {"train/steps": 0}
     per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * per_epoch
-    step_fn = self._train_step(total)
+    step_fn = self._train_step(total, self._scored_length(pairs))
     keys = step_fn.keys
     if self.rs.train_progress == 0:  # a fresh optimizer for the round, as the authors do
       self.train_state = solver.create_train_state(self.policy, step_fn.optimizer,

@@ -96,12 +96,14 @@ def make_pair_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[
 
 def validate_pair_batch(batch: Mapping[str, np.ndarray], *, pad_id: int = 0,
                         max_length: Optional[int] = None,
-                        needs_reference: bool = False) -> None:
+                        needs_reference: bool = False,
+                        scored_length: Optional[int] = None) -> None:
   """Raises ValueError, naming the key and row, if `batch` breaks the format above.
 
   Checks shapes ([B, T] tokens and masks, [B] reference log-probs), T <= max_length, 0/1
-  masks, nothing scored at position 0 or on padding, and at least one scored token per
-  response. Host-side (numpy); the jitted step only checks shapes.
+  masks, nothing scored at position 0 or on padding, at least one scored token per response
+  and, with `scored_length` (the train step's and reference's bound on scored positions per
+  row), at most that many. Host-side (numpy); the jitted step only checks shapes.
   """
   missing = [k for k in TOKEN_KEYS + (REF_KEYS if needs_reference else ()) if k not in batch]
   if missing:
@@ -139,6 +141,13 @@ def validate_pair_batch(batch: Mapping[str, np.ndarray], *, pad_id: int = 0,
     if empty.size:
       raise ValueError(f"Pair batch: {side} response of row {int(empty[0])} is empty (no "
                        "scored tokens); drop the pair.")
+    scored = mask.sum(axis=1)
+    if scored_length is not None and scored.size and scored.max() > scored_length:
+      row = int(np.argmax(scored))
+      raise ValueError(f"Pair batch: {side} response of row {row} scores {int(scored[row])} "
+                       f"tokens, more than scored_length={scored_length} (the positions the "
+                       "step unembeds per row); raise make_train_step.scored_length / "
+                       "reference_logps.scored_length, or truncate the responses.")
   if needs_reference:
     for k in REF_KEYS:
       ref = np.asarray(batch[k])

@@ -48,9 +48,10 @@ from eva_jax.solver.train_state import TrainState, train_state_shardings
 Array = jax.Array
 
 
-def _loss_and_metrics(params, batch, *, model, loss_fn: PreferenceLoss, chunk_size: int):
+def _loss_and_metrics(params, batch, *, model, loss_fn: PreferenceLoss, chunk_size: int,
+                      scored_length: Optional[int] = None):
   logps = pair_logps(model, params, batch, chunk_size=chunk_size,
-                     with_reference=loss_fn.needs_reference)
+                     with_reference=loss_fn.needs_reference, scored_length=scored_length)
   losses, metrics = loss_fn(logps)
   metrics = {k: jnp.mean(v) for k, v in metrics.items()}
   metrics["tokens"] = jnp.sum(logps.chosen_length + logps.rejected_length)
@@ -72,9 +73,10 @@ def _split_microbatches(batch: Mapping[str, Array], num: int, mesh: Mesh, rules)
 
 def _step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
           optimizer: Optimizer, loss_fn: PreferenceLoss, num_microbatches: int, chunk_size: int,
-          mesh: Mesh, rules, param_shardings) -> tuple[TrainState, dict]:
+          scored_length: Optional[int], mesh: Mesh, rules,
+          param_shardings) -> tuple[TrainState, dict]:
   loss_fn_ = functools.partial(_loss_and_metrics, model=model, loss_fn=loss_fn,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, scored_length=scored_length)
   grad_fn = jax.value_and_grad(loss_fn_, has_aux=True)
   params = state.params
   if num_microbatches == 1:
@@ -125,15 +127,22 @@ class TrainStep:
     mesh / rules: where it runs and the logical axis rules.
     num_microbatches: gradient accumulation steps inside one call.
     chunk_size: positions per unembedding chunk (see `logprobs.sequence_logps`).
+    scored_length: unembed only each row's scored (response) positions, at most this many per
+      row (the eva loop passes its sampler's max_new_tokens); rows that score more raise
+      ValueError in `shard_batch`. None unembeds every position, prompt included.
     max_length: longest row allowed (T); longer batches raise ValueError.
     donate: donate the state (its buffers are reused for the new one).
   """
 
   def __init__(self, model: nn.Module, optimizer: Optimizer, loss_fn: PreferenceLoss,
                mesh: Mesh, rules=None, *, num_microbatches: int = 1, chunk_size: int = 256,
-               max_length: Optional[int] = None, donate: bool = True):
+               scored_length: Optional[int] = None, max_length: Optional[int] = None,
+               donate: bool = True):
     if num_microbatches < 1:
       raise ValueError(f"TrainStep: num_microbatches must be >= 1, got {num_microbatches}.")
+    if scored_length is not None and scored_length < 1:
+      raise ValueError(f"TrainStep: scored_length must be >= 1 (or None), got {scored_length}.")
+    self.scored_length = scored_length
     self.model, self.optimizer, self.loss_fn, self.mesh = model, optimizer, loss_fn, mesh
     self.rules = parallel.logical_axis_rules() if rules is None else rules
     self.num_microbatches, self.chunk_size, self.max_length = (num_microbatches, chunk_size,
@@ -145,7 +154,8 @@ class TrainStep:
                                                        else 1, self.rules) for k in self.keys}
     self.data_parallel = parallel.data_parallel_size(mesh, self.rules)
     fn = functools.partial(_step, model=model, optimizer=optimizer, loss_fn=loss_fn,
-                           num_microbatches=num_microbatches, chunk_size=chunk_size, mesh=mesh,
+                           num_microbatches=num_microbatches, chunk_size=chunk_size,
+                           scored_length=scored_length, mesh=mesh,
                            rules=self.rules, param_shardings=self.state_shardings.params)
     self._jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
                            out_shardings=(self.state_shardings, NamedSharding(mesh, P())),
@@ -183,7 +193,8 @@ class TrainStep:
     """This process's rows (numpy, validated) -> the global batch, sharded for the step."""
     batch_lib.validate_pair_batch(local_batch, pad_id=self.model.config.pad_id,
                                   max_length=self.max_length,
-                                  needs_reference=self.loss_fn.needs_reference)
+                                  needs_reference=self.loss_fn.needs_reference,
+                                  scored_length=self.scored_length)
     local = {k: np.asarray(local_batch[k]) for k in self.keys}
     # Checked before the arrays are placed, where a bad size would fail inside JAX.
     self._check_divisible(local["chosen_tokens"].shape[0] * jax.process_count())
@@ -215,13 +226,13 @@ class TrainStep:
 def make_train_step(model: nn.Module, mesh: Mesh, rules=None, *,
                     optimizer: Optional[Optimizer] = None,
                     loss_fn: Optional[PreferenceLoss] = None, num_microbatches: int = 1,
-                    chunk_size: int = 256, max_length: Optional[int] = None,
-                    donate: bool = True) -> TrainStep:
+                    chunk_size: int = 256, scored_length: Optional[int] = None,
+                    max_length: Optional[int] = None, donate: bool = True) -> TrainStep:
   """`TrainStep` with the optimizer and loss from gin when not given."""
   return TrainStep(model, make_optimizer() if optimizer is None else optimizer,
                    get_loss_fn() if loss_fn is None else loss_fn, mesh, rules,
                    num_microbatches=num_microbatches, chunk_size=chunk_size,
-                   max_length=max_length, donate=donate)
+                   scored_length=scored_length, max_length=max_length, donate=donate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,9 +240,10 @@ def make_train_step(model: nn.Module, mesh: Mesh, rules=None, *,
 
 
 def make_reference_fn(model: nn.Module, mesh: Mesh, rules=None, *, chunk_size: int = 256,
-                      param_shardings: Any = None):
+                      scored_length: Optional[int] = None, param_shardings: Any = None):
   """Jitted `(params, tokens [2B, T], mask [2B, T]) -> summed log-probs [2B]`, batch sharded
-  over the data axes; `param_shardings` defaults to the model's logical shardings."""
+  over the data axes; `param_shardings` defaults to the model's logical shardings;
+  `scored_length` as `TrainStep`'s."""
   rules = parallel.logical_axis_rules() if rules is None else rules
   if param_shardings is None:
     axes, abstract = parallel.params_logical_axes(model, jax.ShapeDtypeStruct((1, 8), jnp.int32))
@@ -239,7 +251,8 @@ def make_reference_fn(model: nn.Module, mesh: Mesh, rules=None, *, chunk_size: i
   rows = parallel.batch_sharding(mesh, 2, rules)
 
   def fn(params, tokens, mask):
-    return sequence_logps(model, params, tokens, mask, chunk_size=chunk_size)[0]
+    return sequence_logps(model, params, tokens, mask, chunk_size=chunk_size,
+                          scored_length=scored_length)[0]
 
   jitted = jax.jit(fn, in_shardings=(param_shardings, rows, rows),
                    out_shardings=NamedSharding(mesh, P()))
@@ -254,7 +267,7 @@ def make_reference_fn(model: nn.Module, mesh: Mesh, rules=None, *, chunk_size: i
 @gin.configurable(denylist=["model", "params", "pairs", "mesh", "rules"])
 def reference_logps(model: nn.Module, params: Any, pairs: Mapping[str, np.ndarray], mesh: Mesh,
                     rules=None, *, batch_size: int = 64, chunk_size: int = 256,
-                    ) -> dict[str, np.ndarray]:
+                    scored_length: Optional[int] = None) -> dict[str, np.ndarray]:
   """The reference model's summed response log-probs for all of a round's pairs.
 
   Runs the jitted forward over fixed-size batches of `batch_size` pairs (the last one padded
@@ -265,12 +278,14 @@ def reference_logps(model: nn.Module, params: Any, pairs: Mapping[str, np.ndarra
     params: the round's starting policy params (the paper's reference), any sharding.
     batch_size: pairs per forward (rounded up to a multiple of the data-parallel size times
       the process count); 2 * batch_size rows go through the model at once.
+    scored_length: unembed only each row's scored positions, at most this many (as
+      `TrainStep`'s; the eva loop passes its sampler's max_new_tokens).
 
   Returns:
     {"ref_chosen_logps": float32 [N], "ref_rejected_logps": float32 [N]}; add them to the pairs.
   """
   rules = parallel.logical_axis_rules() if rules is None else rules
-  batch_lib.validate_pair_batch(pairs, pad_id=model.config.pad_id)
+  batch_lib.validate_pair_batch(pairs, pad_id=model.config.pad_id, scored_length=scored_length)
   n, t = np.shape(pairs["chosen_tokens"])
   unit = int(np.lcm(parallel.data_parallel_size(mesh, rules), jax.process_count()))
   batch_size = -(-max(1, batch_size) // unit) * unit
@@ -279,7 +294,7 @@ def reference_logps(model: nn.Module, params: Any, pairs: Mapping[str, np.ndarra
   param_shardings = (jax.tree_util.tree_map(lambda x: x.sharding, params)
                      if all(isinstance(x, jax.Array) for x in leaves) else None)
   fn = make_reference_fn(model, mesh, rules, chunk_size=chunk_size,
-                         param_shardings=param_shardings)
+                         scored_length=scored_length, param_shardings=param_shardings)
   rows = parallel.process_slice(2 * batch_size)
   out = np.zeros((n, 2), np.float32)
   for start in range(0, n, batch_size):

@@ -81,3 +81,11 @@ def test_validate_checks_length_and_reference_entries():
   b["ref_rejected_logps"] = np.zeros(3)
   with pytest.raises(ValueError, match="ref_rejected_logps has shape \\(3,\\), expected \\(2,\\)"):
     validate_pair_batch(b, needs_reference=True)
+
+
+def test_validate_refuses_a_response_longer_than_scored_length():
+  b = make_pair_batch([[5, 6]], [[7, 8, 9]], [[7]], max_length=8)
+  validate_pair_batch(b, scored_length=3)
+  with pytest.raises(ValueError, match=r"chosen response of row 0 scores 3 tokens, more than "
+                     r"scored_length=2.*make_train_step.scored_length"):
+    validate_pair_batch(b, scored_length=2)

@@ -106,3 +106,60 @@ def test_sharded_vocab_and_batch_match_one_device(small_config, pairs_factory):
       t_g, m_g = parallel.host_to_global((tokens, mask), mesh)
       results.append(np.asarray(fn(params, t_g, m_g)))
   np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-4)
+
+
+def _longest_response(mask):
+  return int(np.asarray(mask).sum(axis=1).max())
+
+
+@pytest.mark.parametrize("extra", [0, 3])  # exactly the longest response, and some slack
+def test_scored_length_equals_full_logits(small_config, pairs_factory, extra):
+  """Unembedding only the scored positions (prompts of different lengths per row) gives the
+  same log-probs, counts and gradients as unembedding all of them."""
+  model, params, pairs = _setup(small_config, pairs_factory, n=4, t=32)
+  tokens, mask = pairs["chosen_tokens"], pairs["chosen_loss_mask"]
+  starts = np.argmax(mask, axis=1)
+  assert len(set(starts.tolist())) > 1, starts  # the responses start at different positions
+  scored = _longest_response(mask) + extra
+  assert scored < 32
+  fn = lambda p, s: sequence_logps(model, p, tokens, mask, chunk_size=5, scored_length=s)
+  got, count = jax.jit(lambda p: fn(p, scored))(params)
+  want, want_count = _naive(model, params, tokens, mask)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-4)
+  np.testing.assert_array_equal(count, want_count)
+  w = jnp.array([1.0, -2.0, 0.5, 0.25])
+  g = jax.jit(jax.grad(lambda p: fn(p, scored)[0] @ w))(params)
+  g_all = jax.jit(jax.grad(lambda p: fn(p, None)[0] @ w))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_all)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scored_length_unembeds_only_the_scored_positions(small_config, pairs_factory):
+  model, params, pairs = _setup(small_config, pairs_factory, n=2, t=32)
+  tokens, mask = pairs["chosen_tokens"], pairs["chosen_loss_mask"]
+  v, scored = small_config.vocab_size, _longest_response(mask)
+
+  def vocab_shapes(scored_length):
+    loss = lambda p: sequence_logps(model, p, tokens, mask, chunk_size=32,
+                                    scored_length=scored_length)[0].sum()
+    return {s for s in _shapes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+            if len(s) == 3 and s[-1] == v}
+  assert vocab_shapes(None) == {(2, 32, v)}
+  assert vocab_shapes(scored) == {(2, scored, v)}
+  assert vocab_shapes(32) == {(2, 32, v)}  # >= T: all positions, as None
+
+
+def test_scored_positions_keep_order_and_fill_with_unscored():
+  weights = jnp.array([[0, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 1]], jnp.float32)
+  got = np.asarray(logprobs.scored_positions(weights, 4))
+  np.testing.assert_array_equal(got[0, :3], [1, 2, 4])
+  assert got[1, 0] == 5
+  for row, w in zip(got, np.asarray(weights)):  # the fill slots carry no weight
+    assert len(set(row.tolist())) == 4 and w[row].sum() == w.sum()
+
+
+def test_scored_length_below_one_is_refused(small_config, pairs_factory):
+  model, params, pairs = _setup(small_config, pairs_factory)
+  with pytest.raises(ValueError, match="scored_length must be >= 1"):
+    sequence_logps(model, params, pairs["chosen_tokens"], pairs["chosen_loss_mask"],
+                   scored_length=0)

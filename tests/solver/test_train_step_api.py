@@ -85,13 +85,15 @@ def test_reference_free_loss_needs_no_reference_and_state_is_donated(setup, pair
   assert table.sharding.spec == jax.sharding.PartitionSpec("tensor", None)
 
 
-@pytest.mark.parametrize("param_dtype,state_dtype", [("bfloat16", "float32"),
-                                                     ("float32", "bfloat16")])
-def test_dtype_policy_holds_across_steps(small_config, pairs_factory, param_dtype, state_dtype):
+@pytest.mark.parametrize("param_dtype,state_dtype,mu_dtype", [("bfloat16", "float32", None),
+                                                              ("float32", "bfloat16", None),
+                                                              ("float32", "float32", "bfloat16")])
+def test_dtype_policy_holds_across_steps(small_config, pairs_factory, param_dtype, state_dtype,
+                                         mu_dtype):
   mesh = parallel.create_mesh({"data": 2}, devices=jax.devices()[:2])
   model = make_policy_model(small_config, remat="full", compute_dtype="bfloat16",
                             param_dtype=param_dtype)
-  opt = make_optimizer(1e-3, state_dtype=state_dtype)
+  opt = make_optimizer(1e-3, state_dtype=state_dtype, mu_dtype=mu_dtype)
   state = create_train_state(model, opt, jax.random.key(0), mesh)
   step = TrainStep(model, opt, get_loss_fn("orpo"), mesh, chunk_size=8)
   batch = step.shard_batch(pairs_factory(2, T))
@@ -99,8 +101,9 @@ def test_dtype_policy_holds_across_steps(small_config, pairs_factory, param_dtyp
     state, metrics = step(state, batch)
   assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(param_dtype)}
   adam = state.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
-  moments = jax.tree_util.tree_leaves((adam.mu, adam.nu))
-  assert {x.dtype for x in moments} == {jnp.dtype(state_dtype)}
+  assert {x.dtype for x in jax.tree_util.tree_leaves(adam.mu)} == {
+      jnp.dtype(mu_dtype or state_dtype)}
+  assert {x.dtype for x in jax.tree_util.tree_leaves(adam.nu)} == {jnp.dtype(state_dtype)}
   assert np.isfinite(float(metrics["loss"]))
 
 
@@ -129,13 +132,51 @@ def test_gin_configures_loss_optimizer_and_microbatches(setup, pairs_factory):
   assert float(step.optimizer.learning_rate(5)) == pytest.approx(1e-2)
 
 
-def test_reference_logps_cover_every_pair_with_a_ragged_last_batch(setup, pairs_factory):
+def test_rows_scoring_more_than_scored_length_raise(setup, pairs_factory):
+  pairs = _with_ref(pairs_factory(4, T, seed=5))
+  longest = int(pairs["chosen_loss_mask"].sum(1).max())
+  _step(setup, scored_length=longest + 1).shard_batch(pairs)
+  with pytest.raises(ValueError, match=f"more than scored_length={longest - 1}"):
+    _step(setup, scored_length=longest - 1).shard_batch(pairs)
+  with pytest.raises(ValueError, match="scored_length must be >= 1"):
+    _step(setup, scored_length=0)
+
+
+@pytest.mark.parametrize("scored", [False, True])
+def test_reference_logps_cover_every_pair_with_a_ragged_last_batch(setup, pairs_factory,
+                                                                   scored):
   mesh, model = setup
   pairs = pairs_factory(5, T, seed=4)
   state = create_train_state(model, make_optimizer(), jax.random.key(0), mesh)
-  ref = reference_logps(model, state.params, pairs, mesh, batch_size=2, chunk_size=8)
+  longest = max(int(pairs[f"{side}_loss_mask"].sum(1).max()) for side in ("chosen", "rejected"))
+  ref = reference_logps(model, state.params, pairs, mesh, batch_size=2, chunk_size=8,
+                        scored_length=longest if scored else None)
   for side in ("chosen", "rejected"):
     want, _ = jax.jit(lambda p: logprobs.naive_sequence_logps(
         model, p, pairs[f"{side}_tokens"], pairs[f"{side}_loss_mask"]))(state.params)
     assert ref[f"ref_{side}_logps"].shape == (5,)
     np.testing.assert_allclose(ref[f"ref_{side}_logps"], want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_bfloat16_second_moment_cannot_decay_so_mu_dtype_is_separate():
+  """Why `mu_dtype` exists: with b2 = 0.999, Adam's second moment decays by 0.1% a step, below
+  bfloat16's resolution, so a bfloat16 one stays at its peak; the first moment (10% a step)
+  tracks in bfloat16 as it does in float32."""
+  def moments(state_dtype, mu_dtype=None):
+    opt = make_optimizer(1e-3, state_dtype=state_dtype, mu_dtype=mu_dtype, max_grad_norm=None)
+    params = {"w": jnp.zeros((4,), jnp.float32)}
+    state = opt.tx.init(jax.tree_util.tree_map(lambda x: x.astype(state_dtype), params))
+    for g in [1.0] + [0.0] * 200:  # one large gradient, then none
+      _, state = opt.tx.update({"w": jnp.full((4,), g)}, state, params)
+    adam = state[0][0]  # chain(adamw) -> adamw -> its ScaleByAdamState
+    return float(adam.mu["w"][0]), float(adam.nu["w"][0])
+  mu32, nu32 = moments("float32")
+  mu16, nu16 = moments("float32", mu_dtype="bfloat16")
+  _, nu_bf16 = moments("bfloat16")
+  assert nu32 == pytest.approx(1e-3 * 0.999 ** 200, rel=1e-4)  # 8.2e-4: decayed
+  assert nu_bf16 == pytest.approx(1e-3, rel=1e-2)  # stuck where it was after step 1
+  assert nu16 == nu32  # the second moment stays float32 with a bfloat16 first moment
+  # Both first moments decay as 0.1 * 0.9 ** 200 = 7e-11; bfloat16's rounding of each of the
+  # 200 steps (up to 0.4%) adds up to tens of percent, not a stuck value.
+  assert mu32 == pytest.approx(0.1 * 0.9 ** 200, rel=1e-3)
+  assert mu16 == pytest.approx(mu32, rel=0.5)
