@@ -1,4 +1,5 @@
-"""Does a configuration fit a TPU slice? Compiles the round's programs for it on this machine.
+"""Does a configuration fit a TPU slice (or a host's GPUs)? Compiles the round's programs for
+it on this machine.
 
     python -m eva_jax.aot --gin_file=eva_gemma.gin --topology=v5p-64 \
         --solver_config=gemma2_9b --reward_config=gemma2_27b
@@ -30,6 +31,11 @@ the chip's bandwidth. It ends with the projected time of one round for
 cost analysis counts once: `Sampler.decode_params = "as_given"` with the policy's default
 `scan_layers`), and exits 1 naming each program that does not fit and the knobs to turn.
 
+`--topology=h200-1` (or h100-N, up to 8) compiles with XLA:GPU for one host's GPUs instead,
+without a GPU: JAX's CUDA plugin (`pip install "jax[cuda12]==<your jax version>"`) describes them
+from a target description, and XLA compiles without autotuning (no device to time kernels on).
+Its cost analysis reports no bytes accessed, so decode steps are timed by FLOPs alone there.
+
 Chip figures (per chip; Cloud TPU documentation): HBM, peak bf16 FLOP/s and HBM bandwidth.
 Topology names follow Cloud TPU's accelerator types: for v4 and v5p the number counts
 TensorCores (two per chip: v5p-64 is 32 chips), for v5e and v6e it counts chips.
@@ -54,9 +60,10 @@ GIB = 2 ** 30
 class ChipSpec:
   family: str
   hbm_gib: float
-  peak_tflops: float  # bf16
+  peak_tflops: float  # bf16 (dense)
   hbm_gbps: float
   cores_in_name: bool  # the accelerator type's number counts TensorCores, not chips
+  platform: str = "tpu"
 
 
 CHIPS = {
@@ -65,6 +72,34 @@ CHIPS = {
     "v5p": ChipSpec("v5p", 95, 459, 2765, True),
     "v6e": ChipSpec("v6e", 32, 918, 1640, False),
 }
+# GPUs of one host ("h200-1", "h100-8"), compiled for by XLA:GPU without a GPU (JAX's CUDA
+# plugin, `pip install "jax[cuda12]"`, describes them from the target configs below). NVIDIA's
+# figures: H100 SXM 80 GB, H200 141 GB (nvidia-smi: 143771 MiB), 989 bf16 dense TFLOP/s each.
+GPUS = {
+    "h100": ChipSpec("h100", 79.6, 989, 3350, False, platform="cuda"),
+    "h200": ChipSpec("h200", 140.4, 989, 4800, False, platform="cuda"),
+}
+_GPU_TARGET = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 9 }}
+device_description_str: "{name}"
+"""
+_GPU_NAMES = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}
+
+
+def gpu_target_config(chip: ChipSpec) -> str:
+  """XLA:GPU's target description (a GpuTargetConfigProto in text) of a Hopper GPU."""
+  return _GPU_TARGET.format(bandwidth=int(chip.hbm_gbps * 1e9),
+                            memory=int(chip.hbm_gib * GIB), name=_GPU_NAMES[chip.family])
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
 # Chips -> the physical topology libtpu knows (Cloud TPU's tables).
 _TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
@@ -78,17 +113,26 @@ class Topology:
   name: str  # as given, e.g. "v5p-64"
   chip: ChipSpec
   num_chips: int
-  libtpu_name: str  # e.g. "v5p:2x4x4"
+  libtpu_name: str  # e.g. "v5p:2x4x4"; for GPUs the plugin's "1x1x<count>"
 
 
 def parse_topology(name: str) -> Topology:
-  """"v5p-64", "v5litepod-256", "v5e-16" or libtpu's "v5e:4x4" -> a `Topology`."""
+  """"v5p-64", "v5litepod-256", "v5e-16" or libtpu's "v5e:4x4" -> a `Topology`; also the
+  GPUs of one host, "h200-1" or "h100-8"."""
+  gpu = re.fullmatch(r"(h\d+)-(\d+)", name.strip().lower())
+  if gpu and gpu.group(1) in GPUS:
+    count = int(gpu.group(2))
+    if not 1 <= count <= 8:
+      raise ValueError(f"--topology={name!r}: GPUs of one host only, 1 to 8 "
+                       f"({gpu.group(1)}-1 ... {gpu.group(1)}-8).")
+    return Topology(name, GPUS[gpu.group(1)], count, f"1x1x{count}")
   m = re.fullmatch(r"(v\d+[a-z]*)[-:](.+)", name.strip().lower())
   family = _ALIASES.get(m.group(1), m.group(1)) if m else None
   if not m or family not in CHIPS:
     raise ValueError(f"--topology={name!r}: use a Cloud TPU accelerator type such as v5p-64, "
                      f"v5e-256 (or v5litepod-256), v4-32, v6e-8, or libtpu's form v5e:4x4; "
-                     f"families: {', '.join(CHIPS)}.")
+                     f"families: {', '.join(CHIPS)}; or one host's GPUs: "
+                     f"{', '.join(f'{g}-1' for g in GPUS)} to -8.")
   chip, rest = CHIPS[family], m.group(2)
   table = _TOPOLOGIES_3D if family in ("v4", "v5p") else _TOPOLOGIES_2D
   if "x" in rest:
@@ -105,7 +149,20 @@ def parse_topology(name: str) -> Topology:
 
 
 def topology_devices(topology: Topology):
-  """The slice's devices from libtpu (AOT only: nothing runs on them)."""
+  """The slice's devices from libtpu, or the GPUs' from JAX's CUDA plugin (AOT only: nothing
+  runs on them)."""
+  if topology.chip.platform == "cuda":
+    try:
+      from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+      desc = topologies.get_topology_desc(platform="cuda",
+                                          target_config=gpu_target_config(topology.chip),
+                                          topology=topology.libtpu_name)
+    except Exception as e:  # the CUDA plugin missing
+      raise RuntimeError(
+          f"Cannot describe {topology.name} ({e.__class__.__name__}: {str(e)[:300]}). "
+          "Compiling for GPUs without one needs JAX's CUDA plugin: pip install "
+          "\"jax[cuda12]==<your jax version>\", and JAX_PLATFORMS=cpu.") from e
+    return desc.devices
   # Several processes may describe topologies at once (tests, a user's second shell): libtpu
   # otherwise takes a machine-wide lock although nothing runs on a TPU here.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -459,6 +516,9 @@ class FitCheck:
             f"slower of its FLOPs and the {decode_bytes / cfg.max_new_tokens / GIB:.1f} GiB "
             f"per chip XLA says it reads on average, {last / GIB:.1f} over the whole cache; "
             f"decode segments: {len(ends)}; every row to max_new_tokens: an upper bound)")
+    if not last:  # XLA:GPU's cost analysis reports no bytes accessed
+      note += ("; XLA reports no bytes accessed for this target, so the decode steps are "
+               "timed by their FLOPs alone: a lower bound")
     note += (f"; decode params: {s.decode_params}, "
              f"{per_chip_gib(params, [x.sharding for x in jax.tree_util.tree_leaves(params)]):.2f}"
              " GiB per chip")

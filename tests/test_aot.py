@@ -19,6 +19,18 @@ def test_topology_names(name, chips, libtpu):
   assert (t.num_chips, t.libtpu_name) == (chips, libtpu)
 
 
+def test_gpu_names_and_their_target_description():
+  t = aot.parse_topology("H200-1")
+  assert (t.num_chips, t.libtpu_name, t.chip.platform) == (1, "1x1x1", "cuda")
+  assert aot.parse_topology("h100-8").num_chips == 8
+  with pytest.raises(ValueError, match="GPUs of one host only, 1 to 8"):
+    aot.parse_topology("h100-16")
+  text = aot.gpu_target_config(t.chip)
+  assert 'device_description_str: "NVIDIA H200"' in text
+  assert f"device_memory_size: {int(140.4 * aot.GIB)}" in text
+  assert "memory_bandwidth: 4800000000000" in text and "major: 9" in text
+
+
 @pytest.mark.parametrize("name, words", [("v5p-63", "no v5p slice of that size"),
                                          ("v7x-8", "use a Cloud TPU accelerator type"),
                                          ("tpu", "use a Cloud TPU accelerator type")])
