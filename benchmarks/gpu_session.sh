@@ -52,15 +52,17 @@ step device
 [ -f .gpu/bench/device_env.py ] && python3 .gpu/bench/device_env.py 2>&1 | grep -v -i warning | tee -a "$log"
 case "$PART" in
   train)
-    # The default (scanned layers, full remat, float32 params and Adam), then bfloat16 params
-    # with a float32 master copy (the eva recipe's lr 5e-7 updates survive) under full remat,
-    # keeping matmul outputs, and without remat but for the attention scores. Compiled for one
-    # TPU chip these take 50.5, 44.2, 56.2 and 90.9 GiB; Tunix peaked at 53.7 GiB. The
-    # unrolled default ran at 17.8k tokens/s after an 84 s compile.
+    # The default (scanned layers, full remat, float32 params and Adam, only the responses
+    # unembedded); the same unembedding every position, prompt included (as the first GPU
+    # session did: 17.8k tokens/s unrolled); mixed_precision.gin (bfloat16 params with a
+    # float32 master copy, bfloat16 first moment, remat "dots"), and it under full remat.
+    # Compiled for one H200 by XLA:GPU without a GPU (--aot_topology h200-1) these take 47.0,
+    # 47.0, 47.4 and 36.5 GiB, Tunix's step 46.3; the unrolled default, 37.2 compiled, peaked
+    # at 40.5 GiB on an H200 and Tunix at 53.7.
     train default ""
-    train bf16_master "--param_dtype bfloat16 --master_dtype float32"
-    train bf16_master_dots "--remat dots --param_dtype bfloat16 --master_dtype float32"
-    train bf16_master_attention "--remat attention --param_dtype bfloat16 --master_dtype float32"
+    train default_all_positions "--scored_length 0"
+    train mixed_precision "--gin_file mixed_precision.gin"
+    train mixed_precision_full "--gin_file mixed_precision.gin --remat full"
     if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_dpo.py ]; then
       step tunix dpo
       timeout "${PEER_S:-120}" python3 .gpu/bench/peer_tunix_dpo.py "$MODEL" 4 512 512 12 2>&1 | keep

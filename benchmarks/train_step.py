@@ -7,14 +7,17 @@
 Random weights and tokens (timing does not depend on them), every row full length like the
 peer scripts in ../shared/bench (prompt_len prompt tokens + response_len response tokens,
 reference log-probs precomputed, so a step is the policy's forward + backward on chosen and
-rejected plus the AdamW update).
+rejected plus the AdamW update). Only the response positions are unembedded (`--scored_length`,
+default --response_len), as the eva loop does; the Tunix peer computes every position's logits
+and keeps the responses' (`logits_to_keep`).
 
 Reported:
   tokens_per_s      2 * pairs * (prompt_len + response_len) / step time (all tokens, as peers)
   model_tflops_per_s  (6 * params * tokens + attention) / step time; params include the
                     (tied) embedding once; attention = 12 * layers * heads * head_dim *
                     (causal query-key pairs within each layer's window) per sequence; remat
-                    recomputation is not counted (model FLOPs, not hardware FLOPs)
+                    recomputation is not counted (model FLOPs, not hardware FLOPs), nor are the
+                    prompt's unembeddings skipped (the same convention as the peers)
   mfu               model FLOP/s / peak; peak from --peak_tflops, else a matmul in the
                     compute dtype measured in this run (`peak_source` says which)
   peak_memory_gib   the device allocator's peak (GPU/TPU); None on CPU, where
@@ -25,6 +28,9 @@ with `--aot_topology v5p-8` it compiles for one chip of a TPU slice (libtpu; no 
 With `--aot_only`, `compile_s` is tracing + lowering + XLA compilation and `lower_s` the
 first two (without it both also include building the state and the batch);
 `compile_cpu_s` is the process's CPU time over the same span (steadier on a shared machine).
+`xla_tflops_per_step` is XLA's own count for the compiled program (recomputation included; a
+loop body, such as the layer scan or the logits-chunk scan, counted once: compare programs
+unrolled with --no-scan_layers and one logits chunk, --chunk_size >= the scored length).
 The layers are one `nn.scan` (one block, or one Gemma 2 (local, global) pair, compiled once)
 as `make_policy_model` builds them by default; `--no-scan_layers` compiles one program per layer.
 """
@@ -66,18 +72,28 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--loss", default="dpo")
-  p.add_argument("--remat", default="full", choices=REMAT_POLICIES)
-  p.add_argument("--scan_layers", default=True, action=argparse.BooleanOptionalAction,
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="take make_policy_model's and make_optimizer's settings from this gin "
+                      "file (as `python -m eva_jax.main` resolves it, e.g. "
+                      "mixed_precision.gin); the flags below override it")
+  # Default None: make_policy_model's / make_optimizer's value (or the gin file's).
+  p.add_argument("--remat", default=None, choices=REMAT_POLICIES, help="default: full")
+  p.add_argument("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
                  help="scan over layers (one block / Gemma 2 pair compiled once), as "
                       "make_policy_model does by default; --no-scan_layers: unrolled")
-  p.add_argument("--compute_dtype", default="bfloat16")
-  p.add_argument("--param_dtype", default="float32")
-  p.add_argument("--state_dtype", default="float32", help="Adam moments' dtype")
+  p.add_argument("--compute_dtype", default=None, help="default: bfloat16")
+  p.add_argument("--param_dtype", default=None, help="default: float32")
+  p.add_argument("--state_dtype", default=None, help="Adam moments' dtype; default: float32")
+  p.add_argument("--mu_dtype", default=None,
+                 help="Adam's first moment's dtype, when not --state_dtype (e.g. bfloat16)")
   p.add_argument("--master_dtype", default=None,
                  help="dtype of the optimizer's master copy of the params (e.g. float32 with "
                       "--param_dtype bfloat16); default: none")
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--chunk_size", type=int, default=256, help="positions per logits chunk")
+  p.add_argument("--scored_length", type=int, default=None,
+                 help="positions unembedded per row (default: --response_len, as the eva loop "
+                 "does; 0: all, prompt included)")
   p.add_argument("--mesh", default='{"data": -1}', help='JSON, e.g. \'{"fsdp": -1}\'')
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="peak FLOP/s of one device in TFLOP/s for MFU (default: measured)")
@@ -131,6 +147,17 @@ def random_batch(cfg, pairs: int, prompt_len: int, response_len: int, seed: int 
           "ref_rejected_logps": rng.normal(-response_len * 2.0, 1.0, pairs).astype(np.float32)}
 
 
+def xla_tflops(compiled):
+  """XLA's count of the compiled step's FLOPs per device (remat recomputation included; a
+  loop body counted once, so only comparable between programs of the same loop structure)."""
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) / 1e12
+  except Exception:  # not every backend reports it
+    return None
+
+
 def compiled_memory_gib(compiled):
   try:
     m = compiled.memory_analysis()
@@ -152,25 +179,40 @@ def main(argv=None):
     from eva_jax import aot  # pylint: disable=import-outside-toplevel
     devices = aot.topology_devices(aot.parse_topology(args.aot_topology))[:args.aot_chips]
   mesh = parallel.create_mesh(json.loads(args.mesh), devices=devices)
-  model = make_policy_model(cfg, remat=args.remat, compute_dtype=args.compute_dtype,
-                            param_dtype=args.param_dtype, scan_layers=args.scan_layers)
-  opt = make_optimizer(5e-7, state_dtype=args.state_dtype, master_dtype=args.master_dtype)
+  if args.gin_file:
+    from eva_jax import main as eva_main  # pylint: disable=import-outside-toplevel
+    try:  # the loop registers every configurable, which a main gin file binds
+      from eva_jax import loop  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:  # a solver-only file (mixed_precision.gin) needs only the solver's
+      pass
+    eva_main.load_gin(args.gin_file, [])
+  given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+  model = make_policy_model(cfg, **given(remat=args.remat, compute_dtype=args.compute_dtype,
+                                         param_dtype=args.param_dtype,
+                                         scan_layers=args.scan_layers))
+  opt = make_optimizer(5e-7, **given(state_dtype=args.state_dtype, mu_dtype=args.mu_dtype,
+                                     master_dtype=args.master_dtype))
+  dtype_name = lambda d: None if d is None else jnp.dtype(d).name
   loss_fn = get_loss_fn(args.loss)
+  scored = args.response_len if args.scored_length is None else args.scored_length
   step = TrainStep(model, opt, loss_fn, mesh, num_microbatches=args.microbatches,
-                   chunk_size=args.chunk_size)
+                   chunk_size=args.chunk_size, scored_length=scored or None)
   host_batch = random_batch(cfg, args.pairs, args.prompt_len, args.response_len)
   length = args.prompt_len + args.response_len
   tokens = 2 * args.pairs * length
   n_params = cfg.num_params()
   flops = 6.0 * n_params * tokens + 2 * args.pairs * attention_flops_per_sequence(cfg, length)
   result = dict(bench="eva_jax_train_step", config=args.config, config_overrides=overrides,
-                loss=args.loss,
+                loss=args.loss, gin_files=args.gin_file,
                 pairs=args.pairs, length=length, tokens_per_step=tokens, params=n_params,
-                remat=args.remat, scan_layers=model.config.scan_layers,
-                compute_dtype=args.compute_dtype,
-                param_dtype=args.param_dtype, state_dtype=args.state_dtype,
-                master_dtype=args.master_dtype,
+                remat=model.remat, scan_layers=model.config.scan_layers,
+                compute_dtype=dtype_name(model.config.dtype),
+                param_dtype=dtype_name(model.config.param_dtype),
+                state_dtype=dtype_name(opt.state_dtype),
+                mu_dtype=dtype_name(opt.mu_dtype or opt.state_dtype),
+                master_dtype=dtype_name(opt.master_dtype),
                 microbatches=args.microbatches, chunk_size=args.chunk_size,
+                scored_length=scored or length,
                 mesh=dict(mesh.shape), backend=jax.default_backend(),
                 device=str(mesh.devices.flat[0].device_kind), device_count=mesh.devices.size,
                 jax=jax.__version__)
@@ -193,9 +235,9 @@ def main(argv=None):
   # a shared machine.
   result["compile_cpu_s"] = time.process_time() - cpu0
   result["compiled_memory_gib"], result["compiled_temp_gib"] = compiled_memory_gib(compiled)
+  result["xla_tflops_per_step"] = xla_tflops(compiled)
   if args.aot_only:
-    print(json.dumps(result), flush=True)
-    return result
+    return report(result, args)
 
   batch = {k: batch[k] for k in step.keys}
   for _ in range(args.warmup):
@@ -224,6 +266,11 @@ def main(argv=None):
                 peak_memory_gib=None if peak_mem is None else peak_mem / GIB,
                 host_max_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
                 final_loss=float(metrics["loss"]), steps=args.steps, warmup=args.warmup)
+  return report(result, args)
+
+
+def report(result: dict, args) -> dict:
+  """Prints the JSON line and writes it to --out (or $OUT/train_step_<config>.json)."""
   print(json.dumps(result), flush=True)
   out = args.out or (os.path.join(os.environ["OUT"], f"train_step_{args.config}.json")
                      if os.environ.get("OUT") else None)

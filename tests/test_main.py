@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import gin
 import pytest
 
 from eva_jax import main as eva_main
@@ -121,3 +122,21 @@ def test_no_accelerator_means_the_cpu_unless_the_user_chose(monkeypatch):
   environ = {}
   eva_main.default_platforms(environ)
   assert environ == {}
+
+
+def test_mixed_precision_gin_composes_after_a_main_file():
+  """mixed_precision.gin on top of eva_gemma.gin: bfloat16 params with a float32 master copy,
+  a bfloat16 first moment, remat "dots"; the rest of eva_gemma.gin's solver as it was."""
+  from eva_jax import loop  # pylint: disable=unused-import  # registers the configurables
+  from eva_jax.models import get_config
+  from eva_jax.solver import make_optimizer, make_policy_model
+  try:
+    eva_main.load_gin(["eva_gemma.gin", "mixed_precision.gin"], [])
+    model = make_policy_model(get_config("tiny"))
+    opt = make_optimizer(1e-3)
+    assert model.remat == "dots" and model.config.scan_layers
+    assert (model.config.param_dtype, model.config.dtype) == ("bfloat16", "bfloat16")
+    assert (opt.master_dtype, opt.mu_dtype, opt.state_dtype) == ("float32", "bfloat16",
+                                                                 "float32")
+  finally:
+    gin.clear_config()
