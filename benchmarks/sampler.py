@@ -189,8 +189,13 @@ def aot_compile(model, mesh, args, methods) -> list:
     statics = dict(num_samples=args.num_samples, max_new=args.max_new_tokens, greedy=False,
                    top_k=args.top_k or None, use_top_p=args.top_p < 1)
     start = time.perf_counter()
-    hlo = sampler._compile(call_args, statics, rows, length).as_text()
-    out.append(dict(method=method, compile_s=time.perf_counter() - start,
+    compiled = sampler._compile(call_args, statics, rows, length)
+    compile_s = time.perf_counter() - start
+    hlo = compiled.as_text()
+    m = compiled.memory_analysis()
+    out.append(dict(method=method, compile_s=compile_s,
+                    compiled_memory_gib=(m.argument_size_in_bytes + m.output_size_in_bytes +
+                                         m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**30,
                     sort_ops=len(_SORT_OP.findall(hlo)),
                     while_ops=len(re.findall(r"\swhile\(", hlo))))
     print(json.dumps(out[-1]), file=sys.stderr, flush=True)
@@ -276,6 +281,9 @@ def main(argv=None):
   ap.add_argument("--aot_compile_only", action="store_true",
                   help="only compile the sampler's program per --top_p_bench_methods, from "
                        "abstract shapes (no weights or cache allocated)")
+  ap.add_argument("--aot_topology", default=None,
+                  help="with --aot_compile_only: compile for the first --tensor chips of this "
+                       "TPU slice (v5p-8) or host's GPUs (h200-1; JAX's CUDA plugin, no GPU)")
   ap.add_argument("--top_p_bench_bits", default=str(sampling.THRESHOLD_BITS),
                   help="comma-separated bits per pass to time for the threshold method")
   args = ap.parse_args(argv)
@@ -288,11 +296,17 @@ def main(argv=None):
   for m in methods:
     if m not in sampling.TOP_P_METHODS:
       ap.error(f"--top_p_bench_methods: {m!r} is not one of {sampling.TOP_P_METHODS}")
+  if args.aot_topology and not args.aot_compile_only:
+    ap.error("--aot_topology compiles for devices that are not here: add --aot_compile_only.")
   if args.aot_compile_only:
     model = Transformer(cfg)
-    mesh = parallel.create_mesh({"data": -1, "tensor": args.tensor})
+    devices = jax.devices()
+    if args.aot_topology:
+      from eva_jax import aot  # pylint: disable=import-outside-toplevel
+      devices = aot.topology_devices(aot.parse_topology(args.aot_topology))[:args.tensor]
+    mesh = parallel.create_mesh({"data": -1, "tensor": args.tensor}, devices=devices)
     result = dict(benchmark="sampler_aot", config=args.config,
-                  device=jax.devices()[0].device_kind, num_devices=len(jax.devices()),
+                  device=devices[0].device_kind, num_devices=len(devices),
                   jax=jax.__version__, dtype=args.dtype, batch=args.batch,
                   num_samples=args.num_samples, prompt_len=args.prompt_len,
                   max_new_tokens=args.max_new_tokens, top_p=args.top_p,
