@@ -252,8 +252,8 @@ def main(argv=None):
   if args.peak_tflops:
     peak, source = args.peak_tflops, "given"
   else:
-    peak, source = measure_peak_tflops(jnp.dtype(args.compute_dtype)), (
-        f"measured {args.compute_dtype} matmul")
+    compute = result["compute_dtype"]  # the model's, whether from a flag, gin or the default
+    peak, source = measure_peak_tflops(jnp.dtype(compute)), f"measured {compute} matmul"
   try:
     stats = jax.devices()[0].memory_stats() or {}
   except Exception:
