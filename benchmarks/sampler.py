@@ -63,7 +63,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from eva_jax import parallel  # noqa: E402
+from eva_jax import aot, parallel  # noqa: E402
 from eva_jax.models import Transformer, get_config, init_cache  # noqa: E402
 from eva_jax.models.config import LOCAL  # noqa: E402
 from eva_jax.sampler import Sampler, sampling  # noqa: E402
@@ -192,10 +192,9 @@ def aot_compile(model, mesh, args, methods) -> list:
     compiled = sampler._compile(call_args, statics, rows, length)
     compile_s = time.perf_counter() - start
     hlo = compiled.as_text()
-    m = compiled.memory_analysis()
+    args_gib, outputs_gib, temps_gib, aliased_gib = aot.memory_gib(compiled)
     out.append(dict(method=method, compile_s=compile_s,
-                    compiled_memory_gib=(m.argument_size_in_bytes + m.output_size_in_bytes +
-                                         m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**30,
+                    compiled_memory_gib=args_gib + outputs_gib + temps_gib - aliased_gib,
                     sort_ops=len(_SORT_OP.findall(hlo)),
                     while_ops=len(re.findall(r"\swhile\(", hlo))))
     print(json.dumps(out[-1]), file=sys.stderr, flush=True)
@@ -302,7 +301,6 @@ def main(argv=None):
     model = Transformer(cfg)
     devices = jax.devices()
     if args.aot_topology:
-      from eva_jax import aot  # pylint: disable=import-outside-toplevel
       devices = aot.topology_devices(aot.parse_topology(args.aot_topology))[:args.tensor]
     mesh = parallel.create_mesh({"data": -1, "tensor": args.tensor}, devices=devices)
     result = dict(benchmark="sampler_aot", config=args.config,

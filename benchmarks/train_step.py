@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eva_jax import parallel  # noqa: E402
+from eva_jax import aot, parallel  # noqa: E402
 from eva_jax.models import get_config  # noqa: E402
 from eva_jax.models.transformer import REMAT_POLICIES  # noqa: E402
 from eva_jax.solver import (TrainStep, create_train_state, get_loss_fn, make_optimizer,  # noqa: E402
@@ -149,23 +149,19 @@ def random_batch(cfg, pairs: int, prompt_len: int, response_len: int, seed: int 
 
 def xla_tflops(compiled):
   """XLA's count of the compiled step's FLOPs per device (remat recomputation included; a
-  loop body counted once, so only comparable between programs of the same loop structure)."""
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) / 1e12
-  except Exception:  # not every backend reports it
-    return None
+  loop body counted once, so only comparable between programs of the same loop structure);
+  None where the backend reports none (XLA:GPU)."""
+  flops, _ = aot.xla_cost(compiled)
+  return flops / 1e12 if flops else None
 
 
 def compiled_memory_gib(compiled):
+  """(total, temporaries) GiB: arguments + outputs + temporaries - aliased."""
   try:
-    m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-    return total / GIB, m.temp_size_in_bytes / GIB
+    args, outputs, temps, aliased = aot.memory_gib(compiled)
   except Exception:  # not every backend reports it
     return None, None
+  return args + outputs + temps - aliased, temps
 
 
 def main(argv=None):
@@ -176,7 +172,6 @@ def main(argv=None):
   if args.aot_topology:
     if not args.aot_only:
       raise SystemExit("--aot_topology compiles for chips that are not here: add --aot_only.")
-    from eva_jax import aot  # pylint: disable=import-outside-toplevel
     devices = aot.topology_devices(aot.parse_topology(args.aot_topology))[:args.aot_chips]
   mesh = parallel.create_mesh(json.loads(args.mesh), devices=devices)
   if args.gin_file:

@@ -100,6 +100,8 @@ def gpu_target_config(chip: ChipSpec) -> str:
   """XLA:GPU's target description (a GpuTargetConfigProto in text) of a Hopper GPU."""
   return _GPU_TARGET.format(bandwidth=int(chip.hbm_gbps * 1e9),
                             memory=int(chip.hbm_gib * GIB), name=_GPU_NAMES[chip.family])
+
+
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
 # Chips -> the physical topology libtpu knows (Cloud TPU's tables).
 _TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
@@ -119,14 +121,15 @@ class Topology:
 def parse_topology(name: str) -> Topology:
   """"v5p-64", "v5litepod-256", "v5e-16" or libtpu's "v5e:4x4" -> a `Topology`; also the
   GPUs of one host, "h200-1" or "h100-8"."""
-  gpu = re.fullmatch(r"(h\d+)-(\d+)", name.strip().lower())
+  key = name.strip().lower()
+  gpu = re.fullmatch(r"(h\d+)-(\d+)", key)
   if gpu and gpu.group(1) in GPUS:
     count = int(gpu.group(2))
     if not 1 <= count <= 8:
       raise ValueError(f"--topology={name!r}: GPUs of one host only, 1 to 8 "
                        f"({gpu.group(1)}-1 ... {gpu.group(1)}-8).")
     return Topology(name, GPUS[gpu.group(1)], count, f"1x1x{count}")
-  m = re.fullmatch(r"(v\d+[a-z]*)[-:](.+)", name.strip().lower())
+  m = re.fullmatch(r"(v\d+[a-z]*)[-:](.+)", key)
   family = _ALIASES.get(m.group(1), m.group(1)) if m else None
   if not m or family not in CHIPS:
     raise ValueError(f"--topology={name!r}: use a Cloud TPU accelerator type such as v5p-64, "
@@ -265,14 +268,16 @@ def model_flops(cfg, sequences: int, query_len: int, key_len: Optional[int] = No
   return (3.0 if backward else 1.0) * (matmuls + sequences * attention)
 
 
-def _memory(compiled) -> tuple[float, float, float, float]:
+def memory_gib(compiled) -> tuple[float, float, float, float]:
+  """(arguments, outputs, temporaries, aliased) GiB per chip that XLA assigned `compiled`."""
   m = compiled.memory_analysis()
   return (m.argument_size_in_bytes / GIB, m.output_size_in_bytes / GIB,
           m.temp_size_in_bytes / GIB, m.alias_size_in_bytes / GIB)
 
 
-def _cost(compiled) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) per chip (XLA reports an SPMD program's per-device cost)."""
+def xla_cost(compiled) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) per chip (XLA reports an SPMD program's per-device cost); 0 where
+  XLA reports nothing (XLA:GPU reports no cost analysis)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
@@ -384,8 +389,8 @@ class FitCheck:
               seconds=None, bytes_accessed=None, note=""):
     """`flops`: the call's model FLOPs (all chips); the call's time is their share per chip at
     the stated MFU, unless `seconds` is given."""
-    arg, out, temp, alias = _memory(compiled)
-    xla_flops, xla_bytes = _cost(compiled)
+    arg, out, temp, alias = memory_gib(compiled)
+    xla_flops, xla_bytes = xla_cost(compiled)
     per_chip = flops / self.topology.num_chips
     resident = self.train_state_gib + self.reward_gib + self.reference_params_gib
     return ProgramReport(
@@ -554,13 +559,13 @@ class FitCheck:
     slot = jax.ShapeDtypeStruct((), jnp.int32)
     out = []
     with parallel.with_mesh_rules(self.mesh, self.rules):
-      out.append(_cost(jax.jit(prefill).lower(params, batch((b, p_len), jnp.int32),
+      out.append(xla_cost(jax.jit(prefill).lower(params, batch((b, p_len), jnp.int32),
                                               batch((b, p_len), jnp.bool_)).compile()))
       for width in widths:
         cache = _abstract(jax.eval_shape(functools.partial(init_cache, cfg, rows, width,
                                                            s.cache_dtype)),
                           s.cache_shardings(rows, width))
-        out.append(_cost(jax.jit(decode, donate_argnums=(4,)).lower(
+        out.append(xla_cost(jax.jit(decode, donate_argnums=(4,)).lower(
             params, batch((rows, 1), jnp.int32), batch((rows, 1), jnp.int32),
             batch((rows, width), jnp.bool_), cache, slot).compile()))
     return out

@@ -137,11 +137,11 @@ def validate_pair_batch(batch: Mapping[str, np.ndarray], *, pad_id: int = 0,
       row, col = map(int, np.argwhere(on_pad)[0])
       raise ValueError(f"Pair batch: {side}_loss_mask[{row}, {col}] scores a pad token "
                        f"(pad_id={pad_id}); the mask must cover response tokens only.")
-    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    scored = mask.sum(axis=1)
+    empty = np.flatnonzero(scored == 0)
     if empty.size:
       raise ValueError(f"Pair batch: {side} response of row {int(empty[0])} is empty (no "
                        "scored tokens); drop the pair.")
-    scored = mask.sum(axis=1)
     if scored_length is not None and scored.size and scored.max() > scored_length:
       row = int(np.argmax(scored))
       raise ValueError(f"Pair batch: {side} response of row {row} scores {int(scored[row])} "
