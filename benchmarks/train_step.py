@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eva_jax import aot, parallel  # noqa: E402
 from eva_jax.models import get_config  # noqa: E402
+from eva_jax.models.config import ATTENTION_IMPLS  # noqa: E402
 from eva_jax.models.transformer import REMAT_POLICIES  # noqa: E402
 from eva_jax.solver import (TrainStep, create_train_state, get_loss_fn, make_optimizer,  # noqa: E402
                             make_policy_model)
@@ -81,6 +82,8 @@ def parse_args(argv=None):
   p.add_argument("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
                  help="scan over layers (one block / Gemma 2 pair compiled once), as "
                       "make_policy_model does by default; --no-scan_layers: unrolled")
+  p.add_argument("--attention_impl", default=None, choices=ATTENTION_IMPLS,
+                 help="full-sequence attention: xla (default) or flash (the Pallas kernel)")
   p.add_argument("--compute_dtype", default=None, help="default: bfloat16")
   p.add_argument("--param_dtype", default=None, help="default: float32")
   p.add_argument("--state_dtype", default=None, help="Adam moments' dtype; default: float32")
@@ -184,7 +187,8 @@ def main(argv=None):
   given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
   model = make_policy_model(cfg, **given(remat=args.remat, compute_dtype=args.compute_dtype,
                                          param_dtype=args.param_dtype,
-                                         scan_layers=args.scan_layers))
+                                         scan_layers=args.scan_layers,
+                                         attention_impl=args.attention_impl))
   opt = make_optimizer(5e-7, **given(state_dtype=args.state_dtype, mu_dtype=args.mu_dtype,
                                      master_dtype=args.master_dtype))
   dtype_name = lambda d: None if d is None else jnp.dtype(d).name
@@ -201,6 +205,7 @@ def main(argv=None):
                 loss=args.loss, gin_files=args.gin_file,
                 pairs=args.pairs, length=length, tokens_per_step=tokens, params=n_params,
                 remat=model.remat, scan_layers=model.config.scan_layers,
+                attention_impl=model.config.attention_impl,
                 compute_dtype=dtype_name(model.config.dtype),
                 param_dtype=dtype_name(model.config.param_dtype),
                 state_dtype=dtype_name(opt.state_dtype),

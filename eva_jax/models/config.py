@@ -20,6 +20,8 @@ GLOBAL = "global"
 LOCAL = "local"
 
 GEMMA_VOCAB = 256000
+# `GemmaConfig.attention_impl`'s values.
+ATTENTION_IMPLS = ("xla", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,10 @@ class GemmaConfig:
       instead of every layer; layers past the last whole unit (an odd Gemma 2 depth) stay
       unrolled. Same math; the param tree and KV cache are stacked (see
       `transformer.stack_layers`); checkpoints on disk keep the per-layer tree.
+    attention_impl: how full sequences (no KV cache: training, reference and reward
+      scoring) attend. "xla": scores and softmax as XLA ops; "flash": the fused Pallas kernel
+      of `models.flash_attention` (Triton on GPUs, an interpreter on the CPU), which never
+      materialises the [B, heads, T, T] scores. Decoding from a KV cache always uses "xla".
   """
 
   vocab_size: int = 256
@@ -76,6 +82,7 @@ class GemmaConfig:
   bos_id: int = 2
   num_labels: int = 1
   scan_layers: bool = False
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     object.__setattr__(self, "attention_types", tuple(self.attention_types))
@@ -88,6 +95,9 @@ class GemmaConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"GemmaConfig: num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"GemmaConfig.attention_impl={self.attention_impl!r}: use one of "
+                       f"{', '.join(map(repr, ATTENTION_IMPLS))}.")
     if self.head_dim % 2:
       raise ValueError(f"GemmaConfig: head_dim={self.head_dim} must be even for RoPE.")
 

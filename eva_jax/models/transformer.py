@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eva_jax.models import flash_attention as flash
 from eva_jax.models.config import GemmaConfig, LOCAL
 
 Array = jax.Array
@@ -61,6 +62,7 @@ ACT_HEADS = ("batch", "length", "heads", "head_dim")
 ACT_KV = ("batch", "length", "kv_heads", "head_dim")
 ACT_MLP = ("batch", "length", "mlp")
 ACT_VOCAB = ("batch", "length", "vocab")
+ACT_KEYS = ("batch", "length")
 CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
 # The stacked leading dimension of scanned params and caches (no mesh axis: see parallel.py).
 LAYERS_AXIS = "layers"
@@ -74,7 +76,11 @@ _REMAT_POLICIES = {
     # largest activations) are recomputed in the backward pass, from the saved q, k, v.
     "attention": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Matmul outputs, and the fused attention kernel's output and log-sum-exp (which are not
+    # dots: without their names the backward pass would rerun the kernel's forward).
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(*flash.SAVED_NAMES)),
     "dots_all": jax.checkpoint_policies.checkpoint_dots,
 }
 # The names `Transformer(remat=...)` and `make_policy_model(remat=...)` take.
@@ -156,8 +162,10 @@ class Attention(nn.Module):
   def __call__(self, x: Array, positions: Array, mask: Array,
                cache: Optional[dict[str, Array]], cache_index: Optional[Array],
                layer_index: Optional[Array] = None):
-    """`cache`: this layer's {k, v: [B, S, K, H]}, or, with `layer_index` (scanned layers),
-    the stacked {k, v: [R, B, S, K, H]} of which entry `layer_index` is this layer's."""
+    """`mask`: [B, T, S], which keys each query sees; or, with `attention_impl = "flash"` and
+    no cache, [B, S], which keys are real (the kernel applies the causal and window rules).
+    `cache`: this layer's {k, v: [B, S, K, H]}, or, with `layer_index` (scanned layers), the
+    stacked {k, v: [R, B, S, K, H]} of which entry `layer_index` is this layer's."""
     cfg = self.config
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     dtype = _dtype(cfg.dtype)
@@ -201,6 +209,15 @@ class Attention(nn.Module):
           jax.lax.dynamic_index_in_dim(new_cache["k"], start[0], 0, keepdims=False), CACHE_AXES)
       value = nn.with_logical_constraint(
           jax.lax.dynamic_index_in_dim(new_cache["v"], start[0], 0, keepdims=False), CACHE_AXES)
+
+    if mask.ndim == 2:
+      # `attention_impl = "flash"` (full sequences only): `mask` is which keys are real and
+      # the kernel applies the causal and window rules itself.
+      window = cfg.sliding_window if self.attn_type == LOCAL else None
+      enc = flash.flash_attention(q, key, value, mask, softcap=cfg.attn_logit_softcap,
+                                  window=window, logical_axes=(ACT_HEADS, ACT_KV, ACT_KEYS))
+      enc = nn.with_logical_constraint(enc, ACT_HEADS)
+      return jnp.einsum("btnh,nhd->btd", enc, o_w.astype(dtype)), new_cache
 
     b, t = q.shape[:2]
     groups = n // k
@@ -394,7 +411,15 @@ class Transformer(nn.Module):
         key_valid = (input_ids != cfg.pad_id) if attention_mask is None else attention_mask
       if positions is None:
         positions = default_positions(input_ids, cfg.pad_id, key_valid)
-      if key_valid is None:
+      if cfg.attention_impl == "flash":
+        if key_valid is None:
+          raise ValueError("Transformer: attention_impl='flash' applies the causal and window "
+                           "rules itself and takes attention_mask as [B, T] (which keys are "
+                           "real), not a [B, T, T] mask; pass the [B, T] mask or use "
+                           "attention_impl='xla'.")
+        # Attention sees [B, T] key validity in place of a mask (see `Attention`).
+        global_mask = local_mask = jnp.asarray(key_valid).astype(bool)
+      elif key_valid is None:
         global_mask = local_mask = attention_mask.astype(bool)
         if cfg.sliding_window:
           slots = jnp.arange(t)

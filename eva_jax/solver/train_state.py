@@ -45,7 +45,8 @@ class TrainState:
 @gin.configurable
 def make_policy_model(config: GemmaConfig, remat: str = "full", compute_dtype: str = "bfloat16",
                       param_dtype: str = "float32",
-                      scan_layers: Optional[bool] = True) -> Transformer:
+                      scan_layers: Optional[bool] = True,
+                      attention_impl: Optional[str] = None) -> Transformer:
   """The policy `Transformer` under the solver's remat and dtype policies.
 
   Args:
@@ -62,10 +63,14 @@ def make_policy_model(config: GemmaConfig, remat: str = "full", compute_dtype: s
       per-layer tree, and the sampler decodes from an unrolled copy). True by default: the
       train step compiles several times faster and ran as fast on a CPU. False: one
       program per layer; None: the config's own setting.
+    attention_impl: "xla" or "flash" (the fused Pallas kernel: no [B, heads, T, T] scores
+      kept or recomputed; `GemmaConfig.attention_impl`); None: the config's own setting.
   """
   changes = dict(dtype=compute_dtype, param_dtype=param_dtype)
   if scan_layers is not None:
     changes["scan_layers"] = bool(scan_layers)
+  if attention_impl is not None:
+    changes["attention_impl"] = attention_impl
   return Transformer(config.replace(**changes), remat=remat)
 
 

@@ -1,0 +1,406 @@
+"""Fused causal attention for the full-sequence (training) path: a Pallas kernel with Gemma 2's
+soft-cap, sliding window, grouped-query heads and padded keys.
+
+XLA's attention materialises the scores and softmax, float32 [B, K, G, T, S], several times
+per layer (the soft-cap's tanh, the mask, the softmax, its bfloat16 copy), and keeps them for
+the backward pass unless remat recomputes them. This kernel is FlashAttention-2: it walks the
+keys block by block with an online softmax, keeps only the output and the log-sum-exp per
+query row, and recomputes each block's scores in the backward kernels (one for dK / dV, one
+for dQ). Neither cuDNN's fused attention nor JAX's Pallas one soft-caps, which Gemma 2 needs.
+
+Masking is structural, as in `transformer.attention_masks`: query t sits at slot t and sees
+key slot s when s <= t, `key_valid[b, s]`, and, with a window W, t - s < W. Key blocks that
+the causal bound or the window rule out are never visited. A query row with no visible key
+(a left-padding position) gets a zero output instead of XLA's uniform average; such rows
+never reach a real token's output or the loss, so logits and gradients at real positions
+agree with the XLA path.
+
+On a GPU the kernels lower through Triton; on the CPU they run in Pallas' interpreter (slow,
+for tests), chosen when the program is lowered (`lax.platform_dependent`), so a CPU host can
+still compile the Triton version for a GPU target ahead of time. Under a mesh the kernel runs
+per shard (`shard_map` over the batch and head axes the logical rules give).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
+
+from eva_jax.parallel import logical_axis_rules, logical_to_spec
+
+# Finite, so that a fully masked block gives exp(0) * 0 instead of exp(-inf + inf) = NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Names of the kernel's residuals (its output and row log-sum-exp), for remat policies.
+OUT_NAME = "flash_attention_out"
+LSE_NAME = "flash_attention_lse"
+SAVED_NAMES = (OUT_NAME, LSE_NAME)
+# Triton's smallest tile side (tl.dot needs 16), and its power-of-two shapes.
+_MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sides: forward (`block_q` queries x `block_k` keys) and backward (`block_q_bwd` x
+  `block_k_bwd`, which also hold float32 dK, dV or dQ accumulators). Powers of two of at
+  least 16; clipped to the sequence. The defaults keep head_dim 256 tiles within an H100 /
+  H200's shared memory; speed-tuning them needs a GPU."""
+
+  block_q: int = 64
+  block_k: int = 64
+  block_q_bwd: int = 32
+  block_k_bwd: int = 32
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+      v = getattr(self, name)
+      if v < _MIN_BLOCK or v & (v - 1):
+        raise ValueError(f"BlockSizes.{name} = {v}: use a power of two of at least "
+                         f"{_MIN_BLOCK}.")
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel pieces shared by the forward and both backward kernels.
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _capped_scores(q, k, softcap: Optional[float]):
+  """(scores, tanh of the raw scores / cap or None): q [bq, H] . k [bk, H] -> [bq, bk]."""
+  raw = _dot(q, k, 1, 1)
+  if not softcap:
+    return raw, None
+  t = jnp.tanh(raw * (1.0 / softcap))
+  return t * softcap, t
+
+
+def _visible(q_start, bq: int, k_start, bk: int, key_valid, window: Optional[int]):
+  q_slots = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  k_slots = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  mask = (k_slots <= q_slots) & (key_valid[None, :] != 0)
+  if window:
+    mask = mask & (q_slots - k_slots < window)
+  return mask
+
+
+def _key_block_range(q_block, bq: int, bk: int, num_k_blocks: int, window: Optional[int]):
+  """[lo, hi) of the key blocks that query block `q_block` can see."""
+  hi = jnp.minimum(lax.div((q_block + 1) * bq + bk - 1, bk), num_k_blocks)
+  lo = jnp.int32(0)
+  if window:
+    lo = jnp.maximum(lax.div(q_block * bq - window + 1, bk), 0)
+  return lo, hi
+
+
+def _query_block_range(k_block, bk: int, bq: int, num_q_blocks: int, window: Optional[int]):
+  """[lo, hi) of the query blocks that see key block `k_block`."""
+  lo = lax.div(k_block * bk, bq)
+  hi = jnp.int32(num_q_blocks)
+  if window:
+    hi = jnp.minimum(lax.div((k_block + 1) * bk - 1 + window + bq - 1, bq), num_q_blocks)
+  return lo, hi
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, softcap, window,
+                    bq, bk):
+  q_block = pl.program_id(2)
+  q = q_ref[...]
+  num_k_blocks = k_ref.shape[0] // bk
+
+  def body(j, carry):
+    acc, m, l = carry
+    keys = pl.ds(j * bk, bk)
+    s, _ = _capped_scores(q, k_ref[keys, :], softcap)
+    mask = _visible(q_block * bq, bq, j * bk, bk, valid_ref[keys], window)
+    s = jnp.where(mask, s, _MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    l = l * correction + jnp.sum(p, axis=1)
+    v = v_ref[keys, :]
+    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
+    return acc, m_new, l
+
+  head_dim = q_ref.shape[-1]
+  init = (jnp.zeros((bq, head_dim), jnp.float32), jnp.full((bq,), _MASK_VALUE, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  lo, hi = _key_block_range(q_block, bq, bk, num_k_blocks, window)
+  acc, m, l = lax.fori_loop(lo, hi, body, init)
+  l_safe = jnp.where(l > 0, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l_safe)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                 *, softcap, window, bq, bk):
+  k_block = pl.program_id(2)
+  keys = pl.ds(k_block * bk, bk)
+  k, v = k_ref[keys, :], v_ref[keys, :]
+  valid = valid_ref[keys]
+  num_q_blocks = q_ref.shape[0] // bq
+
+  def body(i, carry):
+    dk, dv = carry
+    rows = pl.ds(i * bq, bq)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    s, t = _capped_scores(q, k, softcap)
+    mask = _visible(i * bq, bq, k_block * bk, bk, valid, window)
+    p = jnp.where(mask, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
+    dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
+    ds = p * (_dot(do, v, 1, 1) - delta_ref[rows][:, None])
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+    return dk, dv
+
+  head_dim = k_ref.shape[-1]
+  zeros = jnp.zeros((bk, head_dim), jnp.float32)
+  lo, hi = _query_block_range(k_block, bk, bq, num_q_blocks, window)
+  dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref, *, softcap,
+               window, bq, bk):
+  q_block = pl.program_id(2)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  num_k_blocks = k_ref.shape[0] // bk
+
+  def body(j, dq):
+    keys = pl.ds(j * bk, bk)
+    k = k_ref[keys, :]
+    s, t = _capped_scores(q, k, softcap)
+    mask = _visible(q_block * bq, bq, j * bk, bk, valid_ref[keys], window)
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    ds = p * (_dot(do, v_ref[keys, :], 1, 1) - delta[:, None])
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    return dq + _dot(ds.astype(k.dtype), k, 1, 0)
+
+  lo, hi = _key_block_range(q_block, bq, bk, num_k_blocks, window)
+  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q_ref.shape, jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers. Shapes here are padded (T == S, a multiple of every block, H a power
+# of two) and `blocks` fitted to them. q [B, T, N, H]; k, v [B, S, K, H]; key_valid int32 [B, S]; lse, delta [B, N, T].
+
+
+def _compiler_params(blocks: BlockSizes):
+  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU-only names)
+  return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def _on_platform(call, *args):
+  """`call(*args, interpret=...)`: Pallas' interpreter when lowered for the CPU, the compiled
+  (Triton) kernel anywhere else."""
+  return lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
+                                default=functools.partial(call, interpret=False))
+
+
+def _specs(groups: int, t: int, s: int, h: int, rows: Optional[int]):
+  """BlockSpecs of q-shaped (`rows` of T per grid step, or all), k/v-shaped (all of S), the
+  key mask, and the [B, N, T] row statistics, for the grid (B, N, blocks)."""
+  q_rows = t if rows is None else rows
+  q_map = (lambda b, n, i: (b, 0, n, 0)) if rows is None else (lambda b, n, i: (b, i, n, 0))
+  stat_map = (lambda b, n, i: (b, n, 0)) if rows is None else (lambda b, n, i: (b, n, i))
+  q_spec = pl.BlockSpec((None, q_rows, None, h), q_map)
+  kv_spec = pl.BlockSpec((None, s, None, h), lambda b, n, i: (b, 0, n // groups, 0))
+  valid_spec = pl.BlockSpec((None, s), lambda b, n, i: (b, 0))
+  stat_spec = pl.BlockSpec((None, None, q_rows), stat_map)
+  return q_spec, kv_spec, valid_spec, stat_spec
+
+
+def _forward(q, k, v, key_valid, *, softcap, window, blocks: BlockSizes):
+  b, t, n, h = q.shape
+  s, groups = k.shape[1], n // k.shape[2]
+  bq, bk = blocks.block_q, blocks.block_k
+  q_spec, kv_spec, valid_spec, stat_spec = _specs(groups, t, s, h, rows=bq)
+  kernel = functools.partial(_forward_kernel, softcap=softcap, window=window, bq=bq, bk=bk)
+
+  def call(q, k, v, key_valid, interpret):
+    return pl.pallas_call(
+        kernel, grid=(b, n, t // bq),
+        in_specs=[q_spec, kv_spec, kv_spec, valid_spec],
+        out_specs=[q_spec, stat_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
+        compiler_params=None if interpret else _compiler_params(blocks),
+        interpret=interpret, name="flash_attention_forward")(q, k, v, key_valid)
+
+  return _on_platform(call, q, k, v, key_valid)
+
+
+def _backward(q, k, v, key_valid, out, lse, do, *, softcap, window, blocks: BlockSizes):
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  groups = n // kv_heads
+  bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
+  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  do = do.astype(q.dtype)
+  statics = dict(softcap=softcap, window=window, bq=bq, bk=bk)
+
+  # dK, dV per query head (float32), summed over each kv head's group below.
+  q_all, kv_all, valid_spec, stat_all = _specs(groups, t, s, h, rows=None)
+  per_head_kv = pl.BlockSpec((None, bk, None, h), lambda b_, n_, j: (b_, j, n_, 0))
+
+  def dkdv_call(q, k, v, key_valid, do, lse, delta, interpret):
+    return pl.pallas_call(
+        functools.partial(_dkdv_kernel, **statics), grid=(b, n, s // bk),
+        in_specs=[q_all, kv_all, kv_all, valid_spec, q_all, stat_all, stat_all],
+        out_specs=[per_head_kv, per_head_kv],
+        out_shape=[jax.ShapeDtypeStruct((b, s, n, h), jnp.float32)] * 2,
+        compiler_params=None if interpret else _compiler_params(blocks),
+        interpret=interpret, name="flash_attention_dkdv")(q, k, v, key_valid, do, lse, delta)
+
+  q_rows, _, _, stat_rows = _specs(groups, t, s, h, rows=bq)
+
+  def dq_call(q, k, v, key_valid, do, lse, delta, interpret):
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, **statics), grid=(b, n, t // bq),
+        in_specs=[q_rows, kv_all, kv_all, valid_spec, q_rows, stat_rows, stat_rows],
+        out_specs=q_rows,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=None if interpret else _compiler_params(blocks),
+        interpret=interpret, name="flash_attention_dq")(q, k, v, key_valid, do, lse, delta)
+
+  args = (q, k, v, key_valid, do, lse, delta)
+  dk, dv = _on_platform(dkdv_call, *args)
+  dq = _on_platform(dq_call, *args)
+
+  def per_kv_head(x, like):
+    return x.reshape(b, s, kv_heads, groups, h).sum(axis=3).astype(like.dtype)
+
+  return dq, per_kv_head(dk, k), per_kv_head(dv, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, key_valid, softcap, window, blocks):
+  out, _ = _forward(q, k, v, key_valid, softcap=softcap, window=window, blocks=blocks)
+  return out
+
+
+def _flash_fwd(q, k, v, key_valid, softcap, window, blocks):
+  out, lse = _forward(q, k, v, key_valid, softcap=softcap, window=window, blocks=blocks)
+  # Named so that a remat policy can keep them (`SAVED_NAMES`) instead of rerunning the
+  # forward kernel in the backward pass.
+  out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+  return out, (q, k, v, key_valid, out, lse)
+
+
+def _flash_bwd(softcap, window, blocks, residuals, do):
+  q, k, v, key_valid, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, key_valid, out, lse, do, softcap=softcap, window=window,
+                         blocks=blocks)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point: padding to the kernel's shapes, and sharding.
+
+
+def _pad_axis(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def _fit_blocks(blocks: BlockSizes, length: int) -> tuple[BlockSizes, int]:
+  """`blocks` clipped to a sequence of `length` (no tile longer than the next power of two),
+  and the padded length: a multiple of every tile."""
+  cap = _next_pow2(length)
+  fitted = dataclasses.replace(
+      blocks, **{name: max(_MIN_BLOCK, min(getattr(blocks, name), cap))
+                 for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd")})
+  tile = max(fitted.block_q, fitted.block_k, fitted.block_q_bwd, fitted.block_k_bwd)
+  return fitted, -(-length // tile) * tile
+
+
+def _local_attention(q, k, v, key_valid, softcap, window, blocks):
+  t, h = q.shape[1], q.shape[-1]
+  blocks, length = _fit_blocks(blocks, t)
+  head_dim = max(_MIN_BLOCK, _next_pow2(h))
+  # Zero-padded head columns add nothing to q . k and give zero output columns; padded key
+  # slots are invalid, and padded query rows are sliced away.
+  q, k, v = (_pad_axis(_pad_axis(x, 3, head_dim), 1, length) for x in (q, k, v))
+  key_valid = _pad_axis(key_valid.astype(jnp.int32), 1, length)
+  out = _flash(q, k, v, key_valid, softcap, window, blocks)
+  return out[:, :t, :, :h]
+
+
+def flash_attention(q, k, v, key_valid, *, softcap: Optional[float] = None,
+                    window: Optional[int] = None, blocks: BlockSizes = BlockSizes(),
+                    logical_axes=None):
+  """Causal attention output [B, T, N, H] (q's dtype).
+
+  q [B, T, N, H] (already scaled), k, v [B, T, K, H] with N a multiple of K (query head j
+  uses kv head j // (N // K)); key_valid [B, T]: which key slots are real. `softcap`: scores
+  s -> cap * tanh(s / cap); `window`: query t sees only keys t - window < s.
+
+  `logical_axes`: (q's, k's, key_valid's) logical axis names. When given and a mesh is
+  active (`parallel.with_mesh_rules`), the kernel runs per shard over the mesh axes they map
+  to (the length axis is never split).
+  """
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"flash_attention: {q.shape[1]} queries against {k.shape[1]} keys; the "
+                     "kernel is for full sequences (no KV cache), where they are equal.")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"flash_attention: {q.shape[2]} query heads are not a multiple of "
+                     f"{k.shape[2]} kv heads.")
+  local = functools.partial(_local_attention, softcap=softcap, window=window, blocks=blocks)
+  mesh = _active_mesh()
+  if logical_axes is None or mesh is None or mesh.size == 1:
+    return local(q, k, v, key_valid)
+  q_spec, kv_spec, valid_spec = _shard_specs(mesh, logical_axes, q.shape, k.shape)
+  if kv_spec[2] is None and q_spec[2] is not None and k.shape[2] > 1:
+    # Query heads are split but kv heads cannot be (too few): give each query head its own
+    # copy of its kv head so that every shard holds the kv heads its queries use.
+    groups = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
+    kv_spec = q_spec
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, valid_spec),
+                       out_specs=q_spec, check_vma=False)(q, k, v, key_valid)
+
+
+def _active_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def _shard_specs(mesh, logical_axes, q_shape, k_shape):
+  rules = nn.get_logical_axis_rules() or logical_axis_rules()
+  q_axes, kv_axes, valid_axes = logical_axes
+  shapes = (q_shape, k_shape, q_shape[:2])
+  specs = []
+  for axes, shape in zip((q_axes, kv_axes, valid_axes), shapes):
+    spec = list(logical_to_spec(axes, mesh, rules, shape))
+    spec += [None] * (len(shape) - len(spec))
+    spec[1] = None  # Attention needs every key of a row: the length axis stays whole.
+    specs.append(P(*spec))
+  return tuple(specs)

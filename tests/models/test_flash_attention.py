@@ -1,0 +1,204 @@
+"""The fused attention kernel (`attention_impl = "flash"`) against XLA's attention, on the CPU
+(Pallas' interpreter runs the same kernel code that Triton compiles on a GPU).
+
+Rows with no visible key (left padding) differ by design (zero output instead of a uniform
+average) and never reach a real position, so outputs are compared at real query rows and
+everything downstream (logits at real positions, gradients) must agree.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jax_core
+from flax import linen as nn
+
+from eva_jax import parallel
+from eva_jax.models import Transformer, get_config
+from eva_jax.models.flash_attention import BlockSizes, flash_attention
+
+SMALL = BlockSizes(16, 16, 16, 16)
+
+
+def reference_attention(q, k, v, key_valid, softcap, window):
+  """The XLA path's math (`transformer.Attention`), written out."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  s = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k,
+                 preferred_element_type=jnp.float32)
+  if softcap:
+    s = jnp.tanh(s / softcap) * softcap
+  slots = jnp.arange(t)
+  mask = (slots[None, :] <= slots[:, None])[None] & key_valid[:, None, :]
+  if window:
+    mask = mask & ((slots[:, None] - slots[None, :]) < window)[None]
+  s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
+
+
+def _inputs(b, t, n, kv, h, dtype, pad_rows=((1, 7),), seed=0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), dtype) for heads in (n, kv, kv))
+  valid = np.ones((b, t), bool)
+  for row, pad in pad_rows:
+    valid[row, :pad] = False  # left padding: these queries see no key
+  return q, k, v, jnp.asarray(valid)
+
+
+def _max_rel_err(actual, desired, rows=None):
+  actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+  if rows is not None:
+    actual, desired = actual * rows, desired * rows
+  return float(np.max(np.abs(actual - desired)) / np.max(np.abs(desired)))
+
+
+CASES = {
+    # name: (batch, length, query heads, kv heads, head_dim, softcap, window)
+    "gqa_softcap_window": (2, 40, 4, 2, 16, 5.0, 9),
+    "mqa_softcap": (2, 33, 4, 1, 16, 5.0, None),
+    "mha_plain": (2, 32, 2, 2, 16, None, None),
+    "head_dim_not_a_power_of_two": (2, 20, 2, 1, 24, 5.0, 7),
+    "window_longer_than_sequence": (2, 24, 2, 1, 16, 50.0, 64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernel_matches_reference_values_and_gradients(name):
+  b, t, n, kv, h, cap, window = CASES[name]
+  q, k, v, valid = _inputs(b, t, n, kv, h, jnp.float32)
+  rows = np.asarray(valid)[:, :, None, None]
+  out = flash_attention(q, k, v, valid, softcap=cap, window=window, blocks=SMALL)
+  ref = reference_attention(q, k, v, valid, cap, window)
+  assert out.shape == ref.shape and out.dtype == ref.dtype
+  assert _max_rel_err(out, ref, rows) < 1e-5
+  assert np.all(np.isfinite(np.asarray(out)))
+
+  # A loss on real rows only: gradients must agree everywhere, padding included.
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32) * rows
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+  flash_grads = jax.grad(loss(lambda q, k, v: flash_attention(
+      q, k, v, valid, softcap=cap, window=window, blocks=SMALL)), (0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(loss(lambda q, k, v: reference_attention(
+      q, k, v, valid, cap, window)), (0, 1, 2))(q, k, v)
+  for got, want, what in zip(flash_grads, ref_grads, "qkv"):
+    assert got.shape == want.shape, what
+    assert _max_rel_err(got, want) < 1e-5, what
+
+
+def test_bfloat16_inputs_and_default_blocks():
+  q, k, v, valid = _inputs(2, 70, 4, 2, 32, jnp.bfloat16, pad_rows=((0, 11),))
+  rows = np.asarray(valid)[:, :, None, None]
+  out = flash_attention(q, k, v, valid, softcap=50.0, window=20)
+  ref = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), valid, 50.0, 20)
+  assert out.dtype == jnp.bfloat16
+  assert _max_rel_err(out, ref, rows) < 2e-2  # bfloat16 probabilities and output
+
+
+def test_errors_name_the_problem():
+  q, k, v, valid = _inputs(1, 16, 2, 1, 16, jnp.float32, pad_rows=())
+  with pytest.raises(ValueError, match="full sequences"):
+    flash_attention(q, k[:, :8], v[:, :8], valid[:, :8])
+  with pytest.raises(ValueError, match="not a multiple"):
+    flash_attention(q[:, :, :1], jnp.concatenate([k, k], 2), jnp.concatenate([v, v], 2), valid)
+  with pytest.raises(ValueError, match="power of two"):
+    BlockSizes(block_q=48)
+  with pytest.raises(ValueError, match="attention_impl"):
+    get_config("tiny", attention_impl="cudnn")
+  model = Transformer(get_config("tiny", attention_impl="flash"))
+  ids = jnp.ones((1, 8), jnp.int32)
+  params = model.init(jax.random.key(0), ids)
+  with pytest.raises(ValueError, match=r"\[B, T\]"):
+    model.apply(params, ids, attention_mask=jnp.ones((1, 8, 8), bool))
+
+
+def _ids(cfg, batch=3, length=37):
+  ids = np.random.RandomState(0).randint(3, cfg.vocab_size, (batch, length)).astype(np.int32)
+  ids[1, :5] = cfg.pad_id   # left padding
+  ids[2, -4:] = cfg.pad_id  # right padding
+  return jnp.asarray(ids)
+
+
+def _loss(model, ids):
+  valid = ids != model.config.pad_id
+
+  def loss(params):
+    logits = model.apply(params, ids, attention_mask=valid)
+    logp = jax.nn.log_softmax(logits)[..., :5]
+    return jnp.sum(jnp.where(valid[..., None], logp, 0.0)), logits
+
+  return loss
+
+
+@pytest.mark.parametrize("name,scan,remat", [("tiny", True, "dots"), ("tiny", False, "full"),
+                                             ("tiny_gemma1", True, "none")])
+def test_model_logits_and_gradients_equal_xla(name, scan, remat):
+  """Gemma 2 (soft-cap, sliding window shorter than the sequence, grouped-query) and Gemma 1
+  (multi-query), scanned and unrolled, under the remat policies the solver uses."""
+  cfg = get_config(name, scan_layers=scan)
+  ids = _ids(cfg)
+  xla = Transformer(cfg, remat=remat)
+  fused = Transformer(cfg.replace(attention_impl="flash"), remat=remat)
+  params = nn.unbox(xla.init(jax.random.key(1), ids))
+  (l_x, logits_x), g_x = jax.value_and_grad(_loss(xla, ids), has_aux=True)(params)
+  (l_f, logits_f), g_f = jax.value_and_grad(_loss(fused, ids), has_aux=True)(params)
+  rows = np.asarray(ids != cfg.pad_id)[..., None]
+  assert _max_rel_err(logits_f, logits_x, rows) < 1e-5
+  assert abs(float(l_f) - float(l_x)) <= 1e-5 * abs(float(l_x))
+  for path, got in jax.tree_util.tree_leaves_with_path(g_f):
+    want = g_x
+    for key in path:
+      want = want[key.key]
+    assert _max_rel_err(got, want) < 1e-4, jax.tree_util.keystr(path)
+
+
+def _all_shapes(jaxpr, out):
+  for eqn in jaxpr.eqns:
+    out.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      _all_shapes(sub, out)
+  return out
+
+
+def test_no_full_score_matrix_in_the_program():
+  cfg = get_config("tiny")
+  ids = _ids(cfg, length=40)
+  t = ids.shape[1]
+  fused = Transformer(cfg.replace(attention_impl="flash"), remat="full")
+  params = nn.unbox(fused.init(jax.random.key(1), ids))
+  grad = jax.grad(lambda p: _loss(fused, ids)(p)[0])
+  shapes = _all_shapes(jax.make_jaxpr(grad)(params).jaxpr, set())
+  assert not any(len(s) >= 2 and s[-2:] == (t, t) for s in shapes)
+  xla = Transformer(cfg, remat="full")
+  xla_shapes = _all_shapes(jax.make_jaxpr(jax.grad(lambda p: _loss(xla, ids)(p)[0]))(
+      params).jaxpr, set())
+  assert any(len(s) >= 2 and s[-2:] == (t, t) for s in xla_shapes)  # the check can fail
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 2, "fsdp": 2, "tensor": 2},
+                                        {"fsdp": 2, "tensor": 4}])
+def test_sharded_gradients_equal_one_device(mesh_shape):
+  """Per-shard kernels (shard_map over batch and heads). With tensor=4 the 2 kv heads cannot
+  be split 4 ways, so each query head gets its kv head's copy."""
+  cfg = get_config("tiny", scan_layers=True)
+  ids = _ids(cfg, batch=4, length=24)
+  xla = Transformer(cfg, remat="full")
+  params = nn.unbox(xla.init(jax.random.key(1), ids))
+  (_, want_logits), want = jax.value_and_grad(_loss(xla, ids), has_aux=True)(params)
+
+  fused = Transformer(cfg.replace(attention_impl="flash"), remat="full")
+  mesh = parallel.create_mesh(mesh_shape)
+  shardings = parallel.params_shardings(fused, mesh, None, ids)
+  sharded = jax.device_put(params, {"params": shardings})
+  step = jax.value_and_grad(_loss(fused, ids), has_aux=True)
+  with parallel.with_mesh_rules(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(step)(sharded))  # the kernel runs per shard
+    (_, logits), got = jax.jit(step)(sharded)
+  rows = np.asarray(ids != cfg.pad_id)[..., None]
+  assert _max_rel_err(logits, want_logits, rows) < 1e-5
+  for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got),
+                                 jax.tree_util.tree_leaves(want)):
+    assert _max_rel_err(got_leaf, want_leaf) < 1e-4
