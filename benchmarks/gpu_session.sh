@@ -1,6 +1,7 @@
 #!/bin/bash
 # eva_jax's GPU speed checks (issue 10's targets) beside the Tunix peers, in two device calls
-# that each fit the 600 s per-command limit. Prepare once, on the CPU machine, from the
+# that each fit the 600 s per-command limit (together about 900 s: a session's whole device
+# time, so the most telling steps run first and each part's last step may be cut). Prepare once, on the CPU machine, from the
 # project root (.gpu is git-ignored; carry it with the run):
 #   mkdir -p .gpu && cp -r ../shared/bench .gpu/bench && bash .gpu/bench/tunix_wheels.sh .gpu/whl
 #   pip download --no-deps -d .gpu/whl gin-config==0.5.0
@@ -38,7 +39,7 @@ read -r -a sampler_shapes <<< "$SAMPLER_SHAPES"
 train() {  # name, flags
   step "eva_jax train step: $1"
   local flags; read -r -a flags <<< "$2"
-  timeout "${TRAIN_S:-110}" "$PYTHON" benchmarks/train_step.py --config "$MODEL" \
+  timeout "${TRAIN_S:-100}" "$PYTHON" benchmarks/train_step.py --config "$MODEL" \
     "${train_shapes[@]}" "${flags[@]}" --out "$OUT/train_$1.json" 2>&1 | keep
 }
 sampler() {  # name, flags
@@ -52,32 +53,32 @@ step device
 [ -f .gpu/bench/device_env.py ] && python3 .gpu/bench/device_env.py 2>&1 | grep -v -i warning | tee -a "$log"
 case "$PART" in
   train)
-    # The default (scanned layers, full remat, float32 params and Adam, only the responses
-    # unembedded); the same unembedding every position, prompt included (as the first GPU
-    # session did: 17.8k tokens/s unrolled); mixed_precision.gin (bfloat16 params with a
-    # float32 master copy, bfloat16 first moment, remat "dots"), and it under full remat.
-    # Compiled for one H200 by XLA:GPU without a GPU (--aot_topology h200-1) these take 47.0,
-    # 47.0, 47.4 and 36.5 GiB, Tunix's step 46.3; the unrolled default, 37.2 compiled, peaked
-    # at 40.5 GiB on an H200 and Tunix at 53.7.
+    # The default (scanned layers, full remat, float32 params and Adam, XLA attention, only
+    # the responses unembedded); mixed_precision.gin (bfloat16 params with a float32 master
+    # copy, bfloat16 first moment, remat "dots") with the fused attention kernel and without
+    # it; Tunix; last, the default with the kernel. Compiled for one H200 by XLA:GPU without a
+    # GPU (--aot_topology h200-1) these take 47.0, 47.6, 47.4 and 46.9 GiB, Tunix's step 46.3;
+    # the first session's unrolled default, 37.2 compiled, peaked at 40.5 GiB on an H200 and
+    # Tunix at 53.7. Five steps of ~100 s: the whole part stays under the 600 s call limit.
     train default ""
-    train default_all_positions "--scored_length 0"
+    train mixed_precision_flash "--gin_file mixed_precision.gin --attention_impl flash"
     train mixed_precision "--gin_file mixed_precision.gin"
-    train mixed_precision_full "--gin_file mixed_precision.gin --remat full"
     if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_dpo.py ]; then
       step tunix dpo
-      timeout "${PEER_S:-120}" python3 .gpu/bench/peer_tunix_dpo.py "$MODEL" 4 512 512 12 2>&1 | keep
-    fi ;;
+      timeout "${PEER_S:-110}" python3 .gpu/bench/peer_tunix_dpo.py "$MODEL" 4 512 512 12 2>&1 | keep
+    fi
+    train default_flash "--attention_impl flash" ;;
   sampler)
-    # The default (threshold top-p, gathered bfloat16 params, one decode loop), 4 decode
-    # segments (no faster on a CPU), and the sort top-p it replaced; float32 params as the
-    # loop holds them.
+    # The default (threshold top-p, gathered bfloat16 params, one decode loop), the sort
+    # top-p it replaced, and 4 decode segments (no faster on a CPU; last, as the least
+    # likely to matter); float32 params as the loop holds them.
     sampler default "--param_dtype float32"
-    sampler segments4 "--param_dtype float32 --decode_segments 4"
     sampler sort "--param_dtype float32 --top_p_method sort"
     if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_generate.py ]; then
       step tunix sampler
-      timeout "${PEER_S:-120}" python3 .gpu/bench/peer_tunix_generate.py "$MODEL" 256 256 256 2>&1 | keep
-    fi ;;
+      timeout "${PEER_S:-110}" python3 .gpu/bench/peer_tunix_generate.py "$MODEL" 256 256 256 2>&1 | keep
+    fi
+    sampler segments4 "--param_dtype float32 --decode_segments 4" ;;
   *) echo "PART must be train or sampler, got $PART" >&2; exit 2 ;;
 esac
 step finished

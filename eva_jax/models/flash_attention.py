@@ -16,8 +16,10 @@ never reach a real token's output or the loss, so logits and gradients at real p
 agree with the XLA path.
 
 On a GPU the kernels lower through Triton; on the CPU they run in Pallas' interpreter (slow,
-for tests), chosen when the program is lowered (`lax.platform_dependent`), so a CPU host can
-still compile the Triton version for a GPU target ahead of time. Under a mesh the kernel runs
+for tests); on a TPU, where Triton does not run, the same math runs as XLA ops (correct, but
+with the full score matrix: no saving there). The choice is made when the program is lowered
+(`lax.platform_dependent`), so a CPU host still compiles the Triton version for a GPU target
+ahead of time. Under a mesh the kernel runs
 per shard (`shard_map` over the batch and head axes the logical rules give).
 """
 
@@ -212,11 +214,57 @@ def _compiler_params(blocks: BlockSizes):
   return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def _on_platform(call, *args):
-  """`call(*args, interpret=...)`: Pallas' interpreter when lowered for the CPU, the compiled
-  (Triton) kernel anywhere else."""
+def _on_platform(call, xla_fallback, *args):
+  """`call(*args, interpret=...)`: Pallas' interpreter when lowered for the CPU, the Triton
+  kernel on GPUs. Triton does not run on TPUs: there `xla_fallback(*args)`, the same math as
+  XLA ops (correct, but with the full score matrix again)."""
   return lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
+                                tpu=xla_fallback,
                                 default=functools.partial(call, interpret=False))
+
+
+def _grouped_scores(q, k, softcap, window, key_valid):
+  """XLA fallback pieces: (scores, tanh or None, mask), scores [B, K, G, T, S] float32."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  raw = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv_heads, n // kv_heads, h), k,
+                   preferred_element_type=jnp.float32)
+  s, th = (raw, None) if not softcap else (jnp.tanh(raw / softcap) * softcap,
+                                           jnp.tanh(raw / softcap))
+  slots = jnp.arange(t)
+  mask = (slots[None, :] <= slots[:, None])[None] & (key_valid[:, None, :] != 0)
+  if window:
+    mask = mask & ((slots[:, None] - slots[None, :]) < window)[None]
+  return s, th, mask[:, None, None]
+
+
+def _forward_xla(q, k, v, key_valid, *, softcap, window):
+  b, t, n, h = q.shape
+  s, _, mask = _grouped_scores(q, k, softcap, window, key_valid)
+  m = jnp.max(jnp.where(mask, s, _MASK_VALUE), axis=-1)
+  p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+  l = jnp.sum(p, axis=-1)
+  l_safe = jnp.where(l > 0, l, 1.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", (p / l_safe[..., None]).astype(v.dtype), v)
+  return out.reshape(q.shape).astype(q.dtype), (m + jnp.log(l_safe)).reshape(b, n, t)
+
+
+def _backward_xla(q, k, v, key_valid, do, lse, delta, *, softcap, window):
+  """(dq, dk, dv per query head float32 [B, S, N, H]), as the backward kernels give them."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  groups = n // kv_heads
+  s, th, mask = _grouped_scores(q, k, softcap, window, key_valid)
+  p = jnp.where(mask, jnp.exp(s - lse.reshape(b, kv_heads, groups, t)[..., None]), 0.0)
+  dog = do.reshape(b, t, kv_heads, groups, h)
+  dv = jnp.einsum("bkgts,btkgh->bskgh", p, dog.astype(jnp.float32))
+  dp = jnp.einsum("btkgh,bskh->bkgts", dog, v, preferred_element_type=jnp.float32)
+  ds = p * (dp - delta.reshape(b, kv_heads, groups, t)[..., None])
+  if th is not None:
+    ds = ds * (1.0 - th * th)
+  dq = jnp.einsum("bkgts,bskh->btkgh", ds, k.astype(jnp.float32))
+  dk = jnp.einsum("bkgts,btkgh->bskgh", ds, q.reshape(dog.shape).astype(jnp.float32))
+  return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(b, t, n, h), dv.reshape(b, t, n, h))
 
 
 def _specs(groups: int, t: int, s: int, h: int, rows: Optional[int]):
@@ -249,7 +297,8 @@ def _forward(q, k, v, key_valid, *, softcap, window, blocks: BlockSizes):
         compiler_params=None if interpret else _compiler_params(blocks),
         interpret=interpret, name="flash_attention_forward")(q, k, v, key_valid)
 
-  return _on_platform(call, q, k, v, key_valid)
+  fallback = functools.partial(_forward_xla, softcap=softcap, window=window)
+  return _on_platform(call, fallback, q, k, v, key_valid)
 
 
 def _backward(q, k, v, key_valid, out, lse, do, *, softcap, window, blocks: BlockSizes):
@@ -285,9 +334,12 @@ def _backward(q, k, v, key_valid, out, lse, do, *, softcap, window, blocks: Bloc
         compiler_params=None if interpret else _compiler_params(blocks),
         interpret=interpret, name="flash_attention_dq")(q, k, v, key_valid, do, lse, delta)
 
-  args = (q, k, v, key_valid, do, lse, delta)
-  dk, dv = _on_platform(dkdv_call, *args)
-  dq = _on_platform(dq_call, *args)
+  def kernels(*args, interpret):
+    dk, dv = dkdv_call(*args, interpret)
+    return dq_call(*args, interpret), dk, dv
+
+  fallback = functools.partial(_backward_xla, softcap=softcap, window=window)
+  dq, dk, dv = _on_platform(kernels, fallback, q, k, v, key_valid, do, lse, delta)
 
   def per_kv_head(x, like):
     return x.reshape(b, s, kv_heads, groups, h).sum(axis=3).astype(like.dtype)
