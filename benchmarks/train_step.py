@@ -38,12 +38,14 @@ as `make_policy_model` builds them by default; `--no-scan_layers` compiles one p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
 import sys
 import time
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eva_jax import aot, parallel  # noqa: E402
 from eva_jax.models import get_config  # noqa: E402
 from eva_jax.models.config import ATTENTION_IMPLS  # noqa: E402
+from eva_jax.models.flash_attention import BlockSizes  # noqa: E402
 from eva_jax.models.transformer import REMAT_POLICIES  # noqa: E402
 from eva_jax.solver import (TrainStep, create_train_state, get_loss_fn, make_optimizer,  # noqa: E402
                             make_policy_model)
@@ -77,6 +80,9 @@ def parse_args(argv=None):
                  help="take make_policy_model's and make_optimizer's settings from this gin "
                       "file (as `python -m eva_jax.main` resolves it, e.g. "
                       "mixed_precision.gin); the flags below override it")
+  p.add_argument("--gin_binding", action="append", default=[],
+                 help="a gin binding, after the files, e.g. 'BlockSizes.block_q = 128' "
+                      "(the fused attention kernel's tiles); repeatable")
   # Default None: make_policy_model's / make_optimizer's value (or the gin file's).
   p.add_argument("--remat", default=None, choices=REMAT_POLICIES, help="default: full")
   p.add_argument("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
@@ -183,7 +189,9 @@ def main(argv=None):
       from eva_jax import loop  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:  # a solver-only file (mixed_precision.gin) needs only the solver's
       pass
-    eva_main.load_gin(args.gin_file, [])
+    eva_main.load_gin(args.gin_file, args.gin_binding)
+  elif args.gin_binding:
+    gin.parse_config_files_and_bindings([], args.gin_binding)
   given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
   model = make_policy_model(cfg, **given(remat=args.remat, compute_dtype=args.compute_dtype,
                                          param_dtype=args.param_dtype,
@@ -202,10 +210,12 @@ def main(argv=None):
   n_params = cfg.num_params()
   flops = 6.0 * n_params * tokens + 2 * args.pairs * attention_flops_per_sequence(cfg, length)
   result = dict(bench="eva_jax_train_step", config=args.config, config_overrides=overrides,
-                loss=args.loss, gin_files=args.gin_file,
+                loss=args.loss, gin_files=args.gin_file, gin_bindings=args.gin_binding,
                 pairs=args.pairs, length=length, tokens_per_step=tokens, params=n_params,
                 remat=model.remat, scan_layers=model.config.scan_layers,
                 attention_impl=model.config.attention_impl,
+                flash_blocks=(dataclasses.asdict(BlockSizes())
+                              if model.config.attention_impl == "flash" else None),
                 compute_dtype=dtype_name(model.config.dtype),
                 param_dtype=dtype_name(model.config.param_dtype),
                 state_dtype=dtype_name(opt.state_dtype),

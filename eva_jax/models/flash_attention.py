@@ -30,6 +30,7 @@ import functools
 from typing import Optional
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,12 +51,14 @@ SAVED_NAMES = (OUT_NAME, LSE_NAME)
 _MIN_BLOCK = 16
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sides: forward (`block_q` queries x `block_k` keys) and backward (`block_q_bwd` x
   `block_k_bwd`, which also hold float32 dK, dV or dQ accumulators). Powers of two of at
   least 16; clipped to the sequence. The defaults keep head_dim 256 tiles within an H100 /
-  H200's shared memory; speed-tuning them needs a GPU."""
+  H200's shared memory (128 x 128 forward tiles do not fit); speed-tuning them needs a GPU.
+  Gin-bindable (`BlockSizes.block_q = 128`): the model builds one per call."""
 
   block_q: int = 64
   block_k: int = 64
@@ -407,7 +410,7 @@ def _local_attention(q, k, v, key_valid, softcap, window, blocks):
 
 
 def flash_attention(q, k, v, key_valid, *, softcap: Optional[float] = None,
-                    window: Optional[int] = None, blocks: BlockSizes = BlockSizes(),
+                    window: Optional[int] = None, blocks: Optional[BlockSizes] = None,
                     logical_axes=None):
   """Causal attention output [B, T, N, H] (q's dtype).
 
@@ -425,6 +428,7 @@ def flash_attention(q, k, v, key_valid, *, softcap: Optional[float] = None,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"flash_attention: {q.shape[2]} query heads are not a multiple of "
                      f"{k.shape[2]} kv heads.")
+  blocks = BlockSizes() if blocks is None else blocks
   local = functools.partial(_local_attention, softcap=softcap, window=window, blocks=blocks)
   mesh = _active_mesh()
   if logical_axes is None or mesh is None or mesh.size == 1:

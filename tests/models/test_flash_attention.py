@@ -226,3 +226,17 @@ def test_tpu_fallback_computes_what_the_kernels_do():
   assert _max_rel_err(dq_x, dq) < 1e-5
   assert _max_rel_err(per_kv(dk_x), dk) < 1e-5
   assert _max_rel_err(per_kv(dv_x), dv) < 1e-5
+
+
+def test_tiles_are_gin_bindable():
+  import gin  # pylint: disable=import-outside-toplevel
+  with gin.unlock_config():
+    gin.parse_config(["BlockSizes.block_q = 128", "BlockSizes.num_warps = 8"])
+  try:
+    assert (BlockSizes().block_q, BlockSizes().block_k, BlockSizes().num_warps) == (128, 64, 8)
+    with gin.unlock_config():
+      gin.parse_config(["BlockSizes.block_k = 48"])
+    with pytest.raises(ValueError, match="block_k = 48"):
+      BlockSizes()
+  finally:
+    gin.clear_config()
