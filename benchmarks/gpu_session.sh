@@ -78,6 +78,11 @@ case "$PART" in
       step tunix sampler
       timeout "${PEER_S:-110}" python3 .gpu/bench/peer_tunix_generate.py "$MODEL" 256 256 256 2>&1 | keep
     fi
+    # The fused attention kernel alone against XLA's (speed, and its agreement on the GPU),
+    # at the train step's shape.
+    step "attention: flash kernel against XLA"
+    timeout "${ATTENTION_S:-60}" "$PYTHON" benchmarks/attention.py ${SMALL:+--batch 2 --length 64 \
+      --head_dim 32 --iters 2} --out "$OUT/attention.json" 2>&1 | keep
     sampler segments4 "--param_dtype float32 --decode_segments 4" ;;
   *) echo "PART must be train or sampler, got $PART" >&2; exit 2 ;;
 esac

@@ -374,6 +374,27 @@ def _flash_bwd(softcap, window, blocks, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def attention_reference(q, k, v, key_valid, *, softcap: Optional[float] = None,
+                        window: Optional[int] = None):
+  """What `flash_attention` computes, as the XLA path (`transformer.Attention`) does it:
+  float32 scores [B, K, G, T, S], soft-capped, masked, softmax. The oracle of the tests and
+  the baseline of `benchmarks/attention.py`. Rows with no visible key average every value
+  uniformly here (the kernel gives zeros)."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  s = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv_heads, n // kv_heads, h), k,
+                 preferred_element_type=jnp.float32)
+  if softcap:
+    s = jnp.tanh(s / softcap) * softcap
+  slots = jnp.arange(t)
+  mask = (slots[None, :] <= slots[:, None])[None] & key_valid.astype(bool)[:, None, :]
+  if window:
+    mask = mask & ((slots[:, None] - slots[None, :]) < window)[None]
+  s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry point: padding to the kernel's shapes, and sharding.
 

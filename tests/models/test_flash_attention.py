@@ -15,26 +15,9 @@ from flax import linen as nn
 
 from eva_jax import parallel
 from eva_jax.models import Transformer, get_config
-from eva_jax.models.flash_attention import BlockSizes, flash_attention
+from eva_jax.models.flash_attention import BlockSizes, attention_reference, flash_attention
 
 SMALL = BlockSizes(16, 16, 16, 16)
-
-
-def reference_attention(q, k, v, key_valid, softcap, window):
-  """The XLA path's math (`transformer.Attention`), written out."""
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  s = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k,
-                 preferred_element_type=jnp.float32)
-  if softcap:
-    s = jnp.tanh(s / softcap) * softcap
-  slots = jnp.arange(t)
-  mask = (slots[None, :] <= slots[:, None])[None] & key_valid[:, None, :]
-  if window:
-    mask = mask & ((slots[:, None] - slots[None, :]) < window)[None]
-  s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
 
 
 def _inputs(b, t, n, kv, h, dtype, pad_rows=((1, 7),), seed=0):
@@ -69,7 +52,7 @@ def test_kernel_matches_reference_values_and_gradients(name):
   q, k, v, valid = _inputs(b, t, n, kv, h, jnp.float32)
   rows = np.asarray(valid)[:, :, None, None]
   out = flash_attention(q, k, v, valid, softcap=cap, window=window, blocks=SMALL)
-  ref = reference_attention(q, k, v, valid, cap, window)
+  ref = attention_reference(q, k, v, valid, softcap=cap, window=window)
   assert out.shape == ref.shape and out.dtype == ref.dtype
   assert _max_rel_err(out, ref, rows) < 1e-5
   assert np.all(np.isfinite(np.asarray(out)))
@@ -82,8 +65,8 @@ def test_kernel_matches_reference_values_and_gradients(name):
 
   flash_grads = jax.grad(loss(lambda q, k, v: flash_attention(
       q, k, v, valid, softcap=cap, window=window, blocks=SMALL)), (0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(loss(lambda q, k, v: reference_attention(
-      q, k, v, valid, cap, window)), (0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(loss(lambda q, k, v: attention_reference(
+      q, k, v, valid, softcap=cap, window=window)), (0, 1, 2))(q, k, v)
   for got, want, what in zip(flash_grads, ref_grads, "qkv"):
     assert got.shape == want.shape, what
     assert _max_rel_err(got, want) < 1e-5, what
@@ -93,7 +76,8 @@ def test_bfloat16_inputs_and_default_blocks():
   q, k, v, valid = _inputs(2, 70, 4, 2, 32, jnp.bfloat16, pad_rows=((0, 11),))
   rows = np.asarray(valid)[:, :, None, None]
   out = flash_attention(q, k, v, valid, softcap=50.0, window=20)
-  ref = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), valid, 50.0, 20)
+  ref = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), valid, softcap=50.0,
+                            window=20)
   assert out.dtype == jnp.bfloat16
   assert _max_rel_err(out, ref, rows) < 2e-2  # bfloat16 probabilities and output
 
