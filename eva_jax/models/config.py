@@ -56,9 +56,9 @@ class GemmaConfig:
       `transformer.stack_layers`); checkpoints on disk keep the per-layer tree.
     attention_impl: how full sequences (no KV cache: training, reference and reward
       scoring) attend. "xla": scores and softmax as XLA ops; "flash": the fused Pallas kernel
-      of `models.flash_attention` (Triton on GPUs, an interpreter on the CPU, XLA ops on
-      TPUs), which never materialises the [B, heads, T, T] scores on a GPU. Decoding from a
-      KV cache always uses "xla".
+      of `models.flash_attention` (Triton on GPUs, JAX's splash attention on TPUs, an
+      interpreter on the CPU: tests only), which never materialises the [B, heads, T, T]
+      scores. Decoding from a KV cache always uses "xla".
   """
 
   vocab_size: int = 256

@@ -16,10 +16,11 @@ never reach a real token's output or the loss, so logits and gradients at real p
 agree with the XLA path.
 
 On a GPU the kernels lower through Triton; on the CPU they run in Pallas' interpreter (slow,
-for tests); on a TPU, where Triton does not run, the same math runs as XLA ops (correct, but
-with the full score matrix: no saving there). The choice is made when the program is lowered
-(`lax.platform_dependent`), so a CPU host still compiles the Triton version for a GPU target
-ahead of time. Under a mesh the kernel runs
+for tests). Triton does not run on TPUs: there the same attention is JAX's splash attention
+(Mosaic kernels, which MaxText runs Gemma 2 with; its backward reruns its forward, as its
+residuals are its own). The choice is made when the program is lowered
+(`lax.platform_dependent`), so a CPU host still compiles the Triton version for a GPU target,
+or splash for a TPU, ahead of time. Under a mesh the kernel runs
 per shard (`shard_map` over the batch and head axes the logical rules give).
 """
 
@@ -217,57 +218,51 @@ def _compiler_params(blocks: BlockSizes):
   return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def _on_platform(call, xla_fallback, *args):
+def _on_platform(call, tpu, *args):
   """`call(*args, interpret=...)`: Pallas' interpreter when lowered for the CPU, the Triton
-  kernel on GPUs. Triton does not run on TPUs: there `xla_fallback(*args)`, the same math as
-  XLA ops (correct, but with the full score matrix again)."""
-  return lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
-                                tpu=xla_fallback,
+  kernel on GPUs; `tpu(*args)` on TPUs, where Triton does not run."""
+  return lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True), tpu=tpu,
                                 default=functools.partial(call, interpret=False))
 
 
-def _grouped_scores(q, k, softcap, window, key_valid):
-  """XLA fallback pieces: (scores, tanh or None, mask), scores [B, K, G, T, S] float32."""
+# TPUs: JAX's splash attention (a Mosaic kernel, as MaxText runs Gemma 2 with): it soft-caps,
+# masks causal and local windows by blocks, groups kv heads, and masks padding with segment
+# ids (real tokens 1, padding 0, so a padding query sees padding keys: finite, and never read).
+_TPU_TILE = 128
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, length: int, softcap, window, interpret: bool,
+                   save_residuals: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+      splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+  shape = (length, length)
+  one = (splash_mask.LocalMask(shape, window_size=(window - 1, 0), offset=0) if window
+         else splash_mask.CausalMask(shape))
+  tile = min(512, length)
+  tiles = splash.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile,
+                            block_q_dkv=tile, block_kv_dkv=tile, block_kv_dkv_compute=tile,
+                            block_q_dq=tile, block_kv_dq=tile)
+  kernel = splash.make_splash_mha_single_device(
+      splash_mask.MultiHeadMask([one] * heads), block_sizes=tiles,
+      attn_logits_soft_cap=softcap, save_residuals=save_residuals, interpret=interpret)
+  return kernel, splash.SegmentIds
+
+
+def _splash(q, k, v, key_valid, *, softcap, window, with_lse: bool, interpret: bool = False):
+  """Splash attention's output [B, T, N, H] and, `with_lse`, its row log-sum-exp [B, N, T]
+  (then not differentiable: splash keeps its residuals to itself)."""
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  raw = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv_heads, n // kv_heads, h), k,
-                   preferred_element_type=jnp.float32)
-  s, th = (raw, None) if not softcap else (jnp.tanh(raw / softcap) * softcap,
-                                           jnp.tanh(raw / softcap))
-  slots = jnp.arange(t)
-  mask = (slots[None, :] <= slots[:, None])[None] & (key_valid[:, None, :] != 0)
-  if window:
-    mask = mask & ((slots[:, None] - slots[None, :]) < window)[None]
-  return s, th, mask[:, None, None]
-
-
-def _forward_xla(q, k, v, key_valid, *, softcap, window):
-  b, t, n, h = q.shape
-  s, _, mask = _grouped_scores(q, k, softcap, window, key_valid)
-  m = jnp.max(jnp.where(mask, s, _MASK_VALUE), axis=-1)
-  p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-  l = jnp.sum(p, axis=-1)
-  l_safe = jnp.where(l > 0, l, 1.0)
-  out = jnp.einsum("bkgts,bskh->btkgh", (p / l_safe[..., None]).astype(v.dtype), v)
-  return out.reshape(q.shape).astype(q.dtype), (m + jnp.log(l_safe)).reshape(b, n, t)
-
-
-def _backward_xla(q, k, v, key_valid, do, lse, delta, *, softcap, window):
-  """(dq, dk, dv per query head float32 [B, S, N, H]), as the backward kernels give them."""
-  b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  groups = n // kv_heads
-  s, th, mask = _grouped_scores(q, k, softcap, window, key_valid)
-  p = jnp.where(mask, jnp.exp(s - lse.reshape(b, kv_heads, groups, t)[..., None]), 0.0)
-  dog = do.reshape(b, t, kv_heads, groups, h)
-  dv = jnp.einsum("bkgts,btkgh->bskgh", p, dog.astype(jnp.float32))
-  dp = jnp.einsum("btkgh,bskh->bkgts", dog, v, preferred_element_type=jnp.float32)
-  ds = p * (dp - delta.reshape(b, kv_heads, groups, t)[..., None])
-  if th is not None:
-    ds = ds * (1.0 - th * th)
-  dq = jnp.einsum("bkgts,bskh->btkgh", ds, k.astype(jnp.float32))
-  dk = jnp.einsum("bkgts,btkgh->bskgh", ds, q.reshape(dog.shape).astype(jnp.float32))
-  return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(b, t, n, h), dv.reshape(b, t, n, h))
+  length = -(-t // _TPU_TILE) * _TPU_TILE
+  head_dim = -(-h // _TPU_TILE) * _TPU_TILE
+  kernel, segment_ids = _splash_kernel(n, length, softcap, window, interpret, with_lse)
+  heads_major = lambda x: jnp.swapaxes(_pad_axis(_pad_axis(x, 3, head_dim), 1, length), 1, 2)
+  valid = _pad_axis(key_valid.astype(jnp.int32), 1, length)
+  result = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg))(
+      heads_major(q), heads_major(k), heads_major(v), segment_ids(q=valid, kv=valid))
+  out, (lse,) = result if with_lse else (result, (None,))
+  out = jnp.swapaxes(out, 1, 2)[:, :t, :, :h].astype(q.dtype)
+  return (out, lse[:, :, :t]) if with_lse else out
 
 
 def _specs(groups: int, t: int, s: int, h: int, rows: Optional[int]):
@@ -300,8 +295,8 @@ def _forward(q, k, v, key_valid, *, softcap, window, blocks: BlockSizes):
         compiler_params=None if interpret else _compiler_params(blocks),
         interpret=interpret, name="flash_attention_forward")(q, k, v, key_valid)
 
-  fallback = functools.partial(_forward_xla, softcap=softcap, window=window)
-  return _on_platform(call, fallback, q, k, v, key_valid)
+  tpu = functools.partial(_splash, softcap=softcap, window=window, with_lse=True)
+  return _on_platform(call, tpu, q, k, v, key_valid)
 
 
 def _backward(q, k, v, key_valid, out, lse, do, *, softcap, window, blocks: BlockSizes):
@@ -337,17 +332,23 @@ def _backward(q, k, v, key_valid, out, lse, do, *, softcap, window, blocks: Bloc
         compiler_params=None if interpret else _compiler_params(blocks),
         interpret=interpret, name="flash_attention_dq")(q, k, v, key_valid, do, lse, delta)
 
-  def kernels(*args, interpret):
-    dk, dv = dkdv_call(*args, interpret)
-    return dq_call(*args, interpret), dk, dv
-
-  fallback = functools.partial(_backward_xla, softcap=softcap, window=window)
-  dq, dk, dv = _on_platform(kernels, fallback, q, k, v, key_valid, do, lse, delta)
-
   def per_kv_head(x, like):
     return x.reshape(b, s, kv_heads, groups, h).sum(axis=3).astype(like.dtype)
 
-  return dq, per_kv_head(dk, k), per_kv_head(dv, v)
+  def kernels(q, k, v, key_valid, do, lse, delta, interpret):
+    args = (q, k, v, key_valid, do, lse, delta)
+    dk, dv = dkdv_call(*args, interpret)
+    return dq_call(*args, interpret), per_kv_head(dk, k), per_kv_head(dv, v)
+
+  def tpu(q, k, v, key_valid, do, lse, delta):
+    # Splash attention's own backward kernels, behind its forward run again (its residuals
+    # are not ours to hand over).
+    del lse, delta
+    _, vjp = jax.vjp(lambda q, k, v: _splash(q, k, v, key_valid, softcap=softcap,
+                                             window=window, with_lse=False), q, k, v)
+    return vjp(do)
+
+  return _on_platform(kernels, tpu, q, k, v, key_valid, do, lse, delta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -188,28 +188,32 @@ def test_sharded_gradients_equal_one_device(mesh_shape):
     assert _max_rel_err(got_leaf, want_leaf) < 1e-4
 
 
-def test_tpu_fallback_computes_what_the_kernels_do():
-  """Triton does not run on TPUs, where the same math runs as XLA ops (`lax.platform_dependent`
-  picks it when lowering for a TPU): forward output and log-sum-exp, and the backward's dQ,
-  dK, dV, against the kernels."""
+def test_tpu_path_splash_attention_matches_reference():
+  """On TPUs (chosen by `lax.platform_dependent` when lowering for one) the kernel is JAX's
+  splash attention: run here in Pallas' interpreter, with the grouped heads, soft-cap, local
+  window and padding of the model, against the reference; its log-sum-exp against the
+  GPU kernel's."""
   from eva_jax.models import flash_attention as F  # pylint: disable=import-outside-toplevel
-  q, k, v, valid = _inputs(2, 32, 4, 2, 16, jnp.float32)
-  valid = valid.astype(jnp.int32)
-  statics = dict(softcap=5.0, window=9)
-  out, lse = F._forward(q, k, v, valid, blocks=SMALL, **statics)
-  out_x, lse_x = F._forward_xla(q, k, v, valid, **statics)
-  rows = np.asarray(valid, bool)
-  assert _max_rel_err(out_x, out, rows[:, :, None, None]) < 1e-6
-  assert _max_rel_err(lse_x, lse, rows[:, None, :]) < 1e-6
-  do = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
-  do = do * rows[:, :, None, None]
-  dq, dk, dv = F._backward(q, k, v, valid, out, lse, do, blocks=SMALL, **statics)
-  delta = jnp.einsum("btnh,btnh->bnt", out, do)
-  dq_x, dk_x, dv_x = F._backward_xla(q, k, v, valid, do, lse, delta, **statics)
-  per_kv = lambda x: x.reshape(2, 32, 2, 2, 16).sum(axis=3)  # noqa: E731
-  assert _max_rel_err(dq_x, dq) < 1e-5
-  assert _max_rel_err(per_kv(dk_x), dk) < 1e-5
-  assert _max_rel_err(per_kv(dv_x), dv) < 1e-5
+  statics = dict(softcap=5.0, window=70)
+  q, k, v, valid = _inputs(2, 256, 4, 2, 32, jnp.float32, pad_rows=((1, 30),))
+  rows = np.asarray(valid)
+  out, lse = F._splash(q, k, v, valid, with_lse=True, interpret=True, **statics)
+  assert _max_rel_err(out, attention_reference(q, k, v, valid, **statics),
+                      rows[:, :, None, None]) < 1e-5
+  _, gpu_lse = F._forward(q, k, v, valid.astype(jnp.int32), blocks=BlockSizes(), **statics)
+  assert _max_rel_err(lse, gpu_lse, rows[:, None, :]) < 1e-5
+
+  # A length that splash's 128-slot tiles do not divide: padded, then cut.
+  q, k, v, valid = _inputs(2, 200, 4, 2, 32, jnp.float32, pad_rows=((1, 30),))
+  rows = np.asarray(valid)
+  weights = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+  weights = weights * rows[:, :, None, None]
+  splash_grads = jax.grad(lambda q, k, v: jnp.sum(F._splash(
+      q, k, v, valid, with_lse=False, interpret=True, **statics) * weights), (0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(lambda q, k, v: jnp.sum(attention_reference(
+      q, k, v, valid, **statics) * weights), (0, 1, 2))(q, k, v)
+  for got, want, what in zip(splash_grads, ref_grads, "qkv"):
+    assert _max_rel_err(got, want) < 1e-5, what
 
 
 def test_tiles_are_gin_bindable():
@@ -224,3 +228,29 @@ def test_tiles_are_gin_bindable():
       BlockSizes()
   finally:
     gin.clear_config()
+
+
+def test_compiled_for_a_tpu_the_model_runs_splash_attention():
+  """Lowered for a TPU (libtpu describes a v5e chip; nothing runs), the flash model's
+  gradient holds Mosaic kernels (splash attention), not the CPU interpreter's or Triton's;
+  the XLA model's holds none."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+
+  from eva_jax import aot  # pylint: disable=import-outside-toplevel
+  devices = aot.topology_devices(aot.parse_topology("v5e-4"))
+  mesh = jax.sharding.Mesh(np.array(devices[:1]), ("data",))
+  cfg = get_config("tiny", scan_layers=True)
+  ids = _ids(cfg, length=40)
+  texts = {}
+  for impl in ("flash", "xla"):
+    model = Transformer(cfg.replace(attention_impl=impl), remat="full")
+    abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(1), ids)))
+    on_chip = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=NamedSharding(mesh, PartitionSpec())),
+        abstract)
+    grad = jax.jit(jax.grad(lambda p: _loss(model, ids)(p)[0]))
+    texts[impl] = grad.lower(on_chip).compile().as_text()
+  assert "tpu_custom_call" in texts["flash"]
+  assert "tpu_custom_call" not in texts["xla"]
+  assert "triton" not in texts["flash"]
