@@ -231,7 +231,6 @@ def _on_platform(call, tpu, *args):
 _TPU_TILE = 128
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, length: int, softcap, window, interpret: bool,
                    save_residuals: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
@@ -243,6 +242,9 @@ def _splash_kernel(heads: int, length: int, softcap, window, interpret: bool,
   tiles = splash.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile,
                             block_q_dkv=tile, block_kv_dkv=tile, block_kv_dkv_compute=tile,
                             block_q_dq=tile, block_kv_dq=tile)
+  # Built per call, not cached: the kernel holds its block-mask tables as arrays, which newer
+  # JAX stages into the current trace. The numpy work is a fraction of a second (8 heads,
+  # 8192 slots: 0.5 s).
   kernel = splash.make_splash_mha_single_device(
       splash_mask.MultiHeadMask([one] * heads), block_sizes=tiles,
       attn_logits_soft_cap=softcap, save_residuals=save_residuals, interpret=interpret)
