@@ -18,10 +18,11 @@ agree with the XLA path.
 On a GPU the kernels lower through Triton; on the CPU they run in Pallas' interpreter (slow,
 for tests). Triton does not run on TPUs: there the same attention is JAX's splash attention
 (Mosaic kernels, which MaxText runs Gemma 2 with; its backward reruns its forward, as its
-residuals are its own). The choice is made when the program is lowered
-(`lax.platform_dependent`), so a CPU host still compiles the Triton version for a GPU target,
-or splash for a TPU, ahead of time. Under a mesh the kernel runs
-per shard (`shard_map` over the batch and head axes the logical rules give).
+residuals are its own; padding there is a segment of its own, so a padding row averages
+padding values: finite, and as unread as the zeros). The choice is made when the program is
+lowered (`lax.platform_dependent`), so a CPU host still compiles the Triton version for a GPU
+target, or splash for a TPU, ahead of time. Under a mesh the kernel runs per shard
+(`shard_map` over the batch and head axes the logical rules give).
 """
 
 from __future__ import annotations
