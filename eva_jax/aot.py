@@ -169,9 +169,16 @@ def topology_devices(topology: Topology):
   # Several processes may describe topologies at once (tests, a user's second shell): libtpu
   # otherwise takes a machine-wide lock although nothing runs on a TPU here.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  kwargs = {}
+  if topology.num_chips < 4:
+    # libtpu assumes hosts of 2x2 chips and rejects a smaller slice (v5e-1: "1x1") unless told
+    # the host is as small as the slice.
+    dims = [int(d) for d in topology.libtpu_name.split(":")[-1].split("x")]
+    kwargs["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name,
+                                        **kwargs)
   except Exception as e:  # libtpu missing, or a topology it does not know
     raise RuntimeError(
         f"Cannot describe TPU topology {topology.libtpu_name!r} ({e.__class__.__name__}: "

@@ -19,6 +19,12 @@ def test_topology_names(name, chips, libtpu):
   assert (t.num_chips, t.libtpu_name) == (chips, libtpu)
 
 
+@pytest.mark.parametrize("name", ["v5e-1", "v5e-4", "v5p-8"])
+def test_libtpu_describes_slices_smaller_than_a_host_too(name):
+  topology = aot.parse_topology(name)
+  assert len(aot.topology_devices(topology)) == topology.num_chips
+
+
 def test_gpu_names_and_their_target_description():
   t = aot.parse_topology("H200-1")
   assert (t.num_chips, t.libtpu_name, t.chip.platform) == (1, "1x1x1", "cuda")
