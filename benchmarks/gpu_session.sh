@@ -69,11 +69,13 @@ case "$PART" in
     fi
     train default_flash "--attention_impl flash" ;;
   sampler)
-    # The default (threshold top-p, gathered bfloat16 params, one decode loop), the sort
-    # top-p it replaced, and 4 decode segments (no faster on a CPU; last, as the least
-    # likely to matter); float32 params as the loop holds them.
+    # The default (threshold top-p, gathered bfloat16 params, one decode loop, XLA decode
+    # attention over the whole cache), the decode kernel that reads the cache only up to each
+    # step's slot (attention_impl flash), Tunix, the attention kernels alone; then the sort
+    # top-p the default replaced and 4 decode segments (no faster on a CPU), which the call's
+    # 600 s may cut. float32 params as the loop holds them.
     sampler default "--param_dtype float32"
-    sampler sort "--param_dtype float32 --top_p_method sort"
+    sampler flash_decode "--param_dtype float32 --config_overrides {\"attention_impl\":\"flash\"}"
     if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_generate.py ]; then
       step tunix sampler
       timeout "${PEER_S:-110}" python3 .gpu/bench/peer_tunix_generate.py "$MODEL" 256 256 256 2>&1 | keep
@@ -83,6 +85,7 @@ case "$PART" in
     step "attention: flash kernel against XLA"
     timeout "${ATTENTION_S:-60}" "$PYTHON" benchmarks/attention.py ${SMALL:+--batch 2 --length 64 \
       --head_dim 32 --iters 2} --out "$OUT/attention.json" 2>&1 | keep
+    sampler sort "--param_dtype float32 --top_p_method sort"
     sampler segments4 "--param_dtype float32 --decode_segments 4" ;;
   *) echo "PART must be train or sampler, got $PART" >&2; exit 2 ;;
 esac

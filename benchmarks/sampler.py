@@ -18,7 +18,9 @@ elementwise float32 op, read + write, like the peers' device_env.py). `roofline_
 the prefill (which the roofline leaves out), so the fraction is a lower bound for the decode
 loop. `kv_bytes_per_step_attended` is what this implementation reads, on average per step:
 each of the `--decode_segments` decode loops runs on a cache of the slots written by its end (1:
-the whole static cache, prompt bucket + max_new_tokens slots, every step). `weight_bytes` are
+the whole static cache, prompt bucket + max_new_tokens slots, every step); with
+`--config_overrides '{"attention_impl": "flash"}'` the decode kernel reads key blocks only up
+to each step's slot. `weight_bytes` are
 those of the sampler's decode copy (`--decode_params`; bfloat16 weights by default whatever
 `--param_dtype` the caller holds).
 
@@ -66,6 +68,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from eva_jax import aot, parallel  # noqa: E402
 from eva_jax.models import Transformer, get_config, init_cache  # noqa: E402
 from eva_jax.models.config import LOCAL  # noqa: E402
+from eva_jax.models.flash_attention import decode_block  # noqa: E402
 from eva_jax.sampler import Sampler, sampling  # noqa: E402
 from eva_jax.sampler.sampler import DECODE_PARAMS  # noqa: E402
 
@@ -216,8 +219,20 @@ def roofline(cfg, weight_bytes: int, rows: int, prompt_len: int, max_new: int,
   # Sampler._generate grows it (the last segment: the whole cache).
   ends = tuple(segment_ends or (max_new,))
   widths = [prompt_len + next(e for e in ends if t < e) for t in range(1, max_new)]
-  mean_width = sum(widths) / len(widths) if widths else prompt_len + max_new
-  kv_attended = per_slot_layer * cfg.num_layers * mean_width * rows
+  if cfg.attention_impl == "flash":
+    # The decode kernel reads key blocks up to the one holding the step's slot (from the
+    # window's first on local layers).
+    read = []
+    for t, width in zip(range(1, max_new), widths):
+      block, slot = decode_block(width), prompt_len + t - 1
+      hi = min((slot // block + 1) * block, width)
+      read.append(sum(hi - (max(slot - cfg.sliding_window + 1, 0) // block * block
+                            if kind == LOCAL else 0) for kind in cfg.attention_types))
+    mean_slot_layers_read = sum(read) / len(read) if read else 0.0
+  else:
+    mean_width = sum(widths) / len(widths) if widths else prompt_len + max_new
+    mean_slot_layers_read = cfg.num_layers * mean_width
+  kv_attended = per_slot_layer * mean_slot_layers_read * rows
   step_s = (weight_bytes + kv_ideal) / bandwidth
   return dict(weight_bytes=weight_bytes, kv_bytes_per_step_mean=kv_ideal,
               kv_bytes_per_step_attended=kv_attended, decode_steps=steps,

@@ -58,7 +58,8 @@ class GemmaConfig:
       scoring) attend. "xla": scores and softmax as XLA ops; "flash": the fused Pallas kernel
       of `models.flash_attention` (Triton on GPUs, JAX's splash attention on TPUs, an
       interpreter on the CPU: tests only), which never materialises the [B, heads, T, T]
-      scores. Decoding from a KV cache always uses "xla".
+      scores; and each decode step through its decode kernel, which reads the KV cache only
+      up to the step's slot (on GPUs; XLA ops on TPUs). Prefill keeps XLA's attention.
   """
 
   vocab_size: int = 256

@@ -450,23 +450,34 @@ def flash_attention(q, k, v, key_valid, *, softcap: Optional[float] = None,
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"flash_attention: {q.shape[1]} queries against {k.shape[1]} keys; the "
                      "kernel is for full sequences (no KV cache), where they are equal.")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"flash_attention: {q.shape[2]} query heads are not a multiple of "
-                     f"{k.shape[2]} kv heads.")
+  _check_heads("flash_attention", q, k)
   blocks = BlockSizes() if blocks is None else blocks
   local = functools.partial(_local_attention, softcap=softcap, window=window, blocks=blocks)
+  return _per_shard(local, logical_axes, q, k, v, key_valid)
+
+
+def _check_heads(name, q, k):
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"{name}: {q.shape[2]} query heads are not a multiple of "
+                     f"{k.shape[2]} kv heads.")
+
+
+def _per_shard(local, logical_axes, q, k, v, mask, *replicated):
+  """`local(q, k, v, mask, *replicated)`, per shard when a mesh is active: over the batch and
+  head axes of `logical_axes` ((q's, k's, mask's) names); axis 1 (length) is never split."""
   mesh = _active_mesh()
   if logical_axes is None or mesh is None or mesh.size == 1:
-    return local(q, k, v, key_valid)
-  q_spec, kv_spec, valid_spec = _shard_specs(mesh, logical_axes, q.shape, k.shape)
+    return local(q, k, v, mask, *replicated)
+  q_spec, kv_spec, mask_spec = _shard_specs(mesh, logical_axes, (q.shape, k.shape, mask.shape))
   if kv_spec[2] is None and q_spec[2] is not None and k.shape[2] > 1:
     # Query heads are split but kv heads cannot be (too few): give each query head its own
     # copy of its kv head so that every shard holds the kv heads its queries use.
     groups = q.shape[2] // k.shape[2]
     k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
     kv_spec = q_spec
-  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, valid_spec),
-                       out_specs=q_spec, check_vma=False)(q, k, v, key_valid)
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(q_spec, kv_spec, kv_spec, mask_spec) + (P(),) * len(replicated),
+                       out_specs=q_spec, check_vma=False)(q, k, v, mask, *replicated)
 
 
 def _active_mesh():
@@ -474,14 +485,143 @@ def _active_mesh():
   return None if mesh is None or mesh.empty else mesh
 
 
-def _shard_specs(mesh, logical_axes, q_shape, k_shape):
+def _shard_specs(mesh, logical_axes, shapes):
   rules = nn.get_logical_axis_rules() or logical_axis_rules()
-  q_axes, kv_axes, valid_axes = logical_axes
-  shapes = (q_shape, k_shape, q_shape[:2])
   specs = []
-  for axes, shape in zip((q_axes, kv_axes, valid_axes), shapes):
+  for axes, shape in zip(logical_axes, shapes):
     spec = list(logical_to_spec(axes, mesh, rules, shape))
     spec += [None] * (len(shape) - len(spec))
     spec[1] = None  # Attention needs every key of a row: the length axis stays whole.
     specs.append(P(*spec))
   return tuple(specs)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding: one new token per row against the KV cache.
+#
+# XLA's decode attention reads the whole static cache every step, the slots not yet written
+# included. This kernel loops over key blocks only up to the block holding `cache_index` (and
+# from the window's first, on local layers), so a step reads the written part of the cache.
+# One program per (row, kv head) holds that head's G query heads; G is 1 to 8 rows, too few
+# for a tensor-core dot (Triton needs 16), and decoding is bound by reading the cache anyway,
+# so the scores and the weighted sum are multiply-reduces.
+
+_DECODE_BLOCK = 64
+
+
+def decode_reference(q, k, v, visible, *, softcap: Optional[float] = None):
+  """What `flash_decode` computes, as XLA ops: q [B, N, H] against k, v [B, S, K, H], keys
+  where `visible` [B, S] (float32 scores and softmax, as the XLA decode path). Also the TPU
+  implementation."""
+  b, n, h = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(b, kv_heads, n // kv_heads, h).astype(jnp.float32)
+  s = jnp.einsum("bkgh,bskh->bkgs", qg, k.astype(jnp.float32))
+  if softcap:
+    s = jnp.tanh(s / softcap) * softcap
+  s = jnp.where(visible.astype(bool)[:, None, None, :], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1)
+  out = jnp.einsum("bkgs,bskh->bkgh", p, v.astype(jnp.float32))
+  return out.reshape(b, n, h).astype(q.dtype)
+
+
+def _decode_kernel(index_ref, q_ref, k_ref, v_ref, visible_ref, o_ref, *, softcap, window, bk):
+  index = index_ref[0]
+  q = q_ref[...].astype(jnp.float32)  # [G, H]
+  num_blocks = k_ref.shape[0] // bk
+
+  def body(j, carry):
+    acc, m, l = carry
+    keys = pl.ds(j * bk, bk)
+    s = jnp.sum(q[:, None, :] * k_ref[keys, :].astype(jnp.float32)[None, :, :], axis=2)
+    if softcap:
+      s = jnp.tanh(s * (1.0 / softcap)) * softcap
+    mask = jnp.broadcast_to((visible_ref[keys] != 0)[None, :], s.shape)
+    s = jnp.where(mask, s, _MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    l = l * correction + jnp.sum(p, axis=1)
+    v = v_ref[keys, :].astype(jnp.float32)
+    acc = acc * correction[:, None] + jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return acc, m_new, l
+
+  rows, head_dim = q_ref.shape
+  init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  hi = jnp.minimum(lax.div(index, bk) + 1, num_blocks)
+  lo = jnp.maximum(lax.div(index - window + 1, bk), 0) if window else jnp.int32(0)
+  acc, _, l = lax.fori_loop(lo, hi, body, init)
+  o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+
+
+def decode_block(length: int) -> int:
+  """The decode kernel's key block for a cache of `length` slots: the largest power of two
+  from 16 to 64 dividing it (the sampler's lengths are multiples of 16), so that the cache is
+  read in place; 16 (and a padded copy) otherwise."""
+  block = _DECODE_BLOCK
+  while block > _MIN_BLOCK and length % block:
+    block //= 2
+  return block
+
+
+def _local_decode(q, k, v, visible, cache_index, *, softcap, window):
+  b, _, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  groups = n // kv_heads
+  rows = _next_pow2(groups)  # Triton's block shapes are powers of two
+  head_dim = _next_pow2(h)
+  bk = decode_block(s)
+  length = -(-s // bk) * bk
+  # q [B, 1, N, H] -> [B, K * rows, H], each kv head's queries padded to `rows`.
+  qg = _pad_axis(_pad_axis(q.reshape(b, kv_heads, groups, h), 2, rows), 3, head_dim)
+  qg = qg.reshape(b, kv_heads * rows, head_dim)
+  if (length, head_dim) != (s, h):  # only for shapes the sampler does not make
+    k, v = (_pad_axis(_pad_axis(x, 3, head_dim), 1, length) for x in (k, v))
+    visible = _pad_axis(visible, 1, length)
+  visible = visible.astype(jnp.int32)
+  index = jnp.reshape(jnp.asarray(cache_index, jnp.int32), (1,))
+  kernel = functools.partial(_decode_kernel, softcap=softcap, window=window, bk=bk)
+
+  def call(index, qg, k, v, visible, interpret):
+    return pl.pallas_call(
+        kernel, grid=(b, kv_heads),
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)),
+                  pl.BlockSpec((None, rows, head_dim), lambda i, j: (i, j, 0)),
+                  pl.BlockSpec((None, length, None, head_dim), lambda i, j: (i, 0, j, 0)),
+                  pl.BlockSpec((None, length, None, head_dim), lambda i, j: (i, 0, j, 0)),
+                  pl.BlockSpec((None, length), lambda i, j: (i, 0))],
+        out_specs=pl.BlockSpec((None, rows, head_dim), lambda i, j: (i, j, 0)),
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        compiler_params=(None if interpret else
+                         _compiler_params(BlockSizes(num_warps=4, num_stages=2))),
+        interpret=interpret, name="flash_decode")(index, qg, k, v, visible)
+
+  def tpu(index, qg, k, v, visible):
+    del index
+    q_rows = qg.reshape(b, kv_heads, rows, head_dim)[:, :, :groups].reshape(b, n, head_dim)
+    out = decode_reference(q_rows, k, v, visible, softcap=softcap)
+    return _pad_axis(out.reshape(b, kv_heads, groups, head_dim), 2, rows).reshape(qg.shape)
+
+  out = _on_platform(call, tpu, index, qg, k, v, visible)
+  out = out.reshape(b, kv_heads, rows, head_dim)[:, :, :groups, :h]
+  return out.reshape(b, 1, n, h)
+
+
+def flash_decode(q, k, v, visible, cache_index, *, softcap: Optional[float] = None,
+                 window: Optional[int] = None, logical_axes=None):
+  """One decode step's attention output [B, 1, N, H] (q's dtype).
+
+  q [B, 1, N, H] (already scaled); k, v [B, S, K, H]: the KV cache with this step's keys
+  written at `cache_index`; visible [B, S]: which slots the new token sees (the decode mask:
+  real, at or before `cache_index`, within the window). Only key blocks up to the one holding
+  `cache_index` (and, with `window`, from the window's first) are read. Differentiation is not
+  supported (decoding only). `logical_axes`: (q's, the cache's, visible's) names, as in
+  `flash_attention`. On TPUs the same math runs as XLA ops (`decode_reference`).
+  """
+  if q.shape[1] != 1:
+    raise ValueError(f"flash_decode: {q.shape[1]} new tokens per row; the kernel decodes one "
+                     "(prefill goes through the XLA path).")
+  _check_heads("flash_decode", q, k)
+  local = functools.partial(_local_decode, softcap=softcap, window=window)
+  return _per_shard(local, logical_axes, q, k, v, visible, cache_index)

@@ -64,6 +64,7 @@ ACT_MLP = ("batch", "length", "mlp")
 ACT_VOCAB = ("batch", "length", "vocab")
 ACT_KEYS = ("batch", "length")
 CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+CACHE_KEYS = ("batch", "cache_length")
 # The stacked leading dimension of scanned params and caches (no mesh axis: see parallel.py).
 LAYERS_AXIS = "layers"
 # Param-tree key of the scanned layers, and the prefix of each unit position under it.
@@ -216,6 +217,15 @@ class Attention(nn.Module):
       window = cfg.sliding_window if self.attn_type == LOCAL else None
       enc = flash.flash_attention(q, key, value, mask, softcap=cfg.attn_logit_softcap,
                                   window=window, logical_axes=(ACT_HEADS, ACT_KV, ACT_KEYS))
+      enc = nn.with_logical_constraint(enc, ACT_HEADS)
+      return jnp.einsum("btnh,nhd->btd", enc, o_w.astype(dtype)), new_cache
+
+    if cfg.attention_impl == "flash" and cache is not None and q.shape[1] == 1:
+      # One decode step: the kernel reads the cache only up to `cache_index`.
+      window = cfg.sliding_window if self.attn_type == LOCAL else None
+      enc = flash.flash_decode(q, key, value, mask[:, 0, :], cache_index,
+                               softcap=cfg.attn_logit_softcap, window=window,
+                               logical_axes=(ACT_HEADS, CACHE_AXES, CACHE_KEYS))
       enc = nn.with_logical_constraint(enc, ACT_HEADS)
       return jnp.einsum("btnh,nhd->btd", enc, o_w.astype(dtype)), new_cache
 
