@@ -211,7 +211,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_re
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers. Shapes here are padded (T == S, a multiple of every block, H a power
-# of two) and `blocks` fitted to them. q [B, T, N, H]; k, v [B, S, K, H]; key_valid int32 [B, S]; lse, delta [B, N, T].
+# of two) and `blocks` fitted to them. q [B, T, N, H]; k, v [B, S, K, H]; key_valid int32
+# [B, S]; lse, delta [B, N, T].
 
 
 def _compiler_params(blocks: BlockSizes):

@@ -254,3 +254,47 @@ def test_compiled_for_a_tpu_the_model_runs_splash_attention():
   assert "tpu_custom_call" in texts["flash"]
   assert "tpu_custom_call" not in texts["xla"]
   assert "triton" not in texts["flash"]
+
+
+@pytest.mark.parametrize("cache_index,window,length", [(50, None, 80), (50, 20, 80),
+                                                       (79, 33, 80), (3, None, 64),
+                                                       (20, 8, 40)])
+def test_decode_kernel_matches_reference_and_skips_unwritten_blocks(cache_index, window,
+                                                                    length):
+  """One decode step: the same output as XLA's decode over the whole cache, for rows that see
+  at least one key (a real decode row sees its own slot). The kernel reads key blocks from
+  the window's first to the one holding `cache_index`: NaN in the other slots changes
+  nothing, while XLA's decode, which reads them, turns NaN. 40 slots: not a multiple of a
+  16-slot block (no sampler makes it), so the cache is padded."""
+  from eva_jax.models import flash_attention as F  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(cache_index)
+  b, n, kv, h = 3, 4, 2, 16
+  q = jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, length, kv, h)), jnp.float32) for _ in range(2))
+  slots = np.arange(length)
+  visible = np.ones((b, length), bool)
+  visible[1, :2] = False  # left padding
+  visible &= slots[None, :] <= cache_index
+  if window:
+    visible &= (cache_index - slots[None, :]) < window
+  visible = jnp.asarray(visible)
+  decode = lambda k, v: F.flash_decode(q, k, v, visible, jnp.int32(cache_index),  # noqa: E731
+                                       softcap=5.0, window=window)
+  out = decode(k, v)
+  assert out.shape == q.shape
+  assert _max_rel_err(out[:, 0], F.decode_reference(q[:, 0], k, v, visible, softcap=5.0)) < 1e-5
+
+  block = F.decode_block(length)
+  first = max(cache_index - window + 1, 0) // block * block if window else 0
+  end = (cache_index // block + 1) * block
+  unread = np.zeros(length, bool)
+  unread[:first] = unread[end:] = True  # before the window's first block, after the slot's
+  if unread.any():
+    k_nan, v_nan = (jnp.where(unread[None, :, None, None], jnp.nan, x) for x in (k, v))
+    np.testing.assert_array_equal(np.asarray(decode(k_nan, v_nan)), np.asarray(out))
+    assert np.isnan(np.asarray(F.decode_reference(q[:, 0], k_nan, v_nan, visible))).any()
+
+
+def test_decode_blocks_divide_the_cache():
+  from eva_jax.models import flash_attention as F  # pylint: disable=import-outside-toplevel
+  assert [F.decode_block(s) for s in (64, 80, 96, 128, 512, 40)] == [64, 16, 32, 64, 64, 16]
