@@ -20,7 +20,6 @@ interpreter: use small shapes there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.json_report import emit  # noqa: E402
 from eva_jax import aot  # noqa: E402
 from eva_jax.models.flash_attention import (BlockSizes, attention_reference,  # noqa: E402
                                             flash_attention)
@@ -136,13 +136,7 @@ def main(argv=None):
     errors[what] = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
   result["flash_max_rel_error"] = errors
   result["speedup"] = result["xla"]["step_s"] / result["flash"]["step_s"]
-  print(json.dumps(result), flush=True)
-  out = args.out or (os.path.join(os.environ["OUT"], "attention.json")
-                     if os.environ.get("OUT") else None)
-  if out:
-    with open(out, "w") as f:
-      json.dump(result, f)
-  return result
+  return emit(result, args.out, "attention.json")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.train_step import (GIB, attention_flops_per_sequence,  # noqa: E402
                                    compiled_memory_gib, measure_peak_tflops)
+from benchmarks.json_report import emit  # noqa: E402
 from eva_jax import parallel  # noqa: E402
 from eva_jax.models import GemmaForSequenceClassification, get_config  # noqa: E402
 from eva_jax.rewards import ModelReward  # noqa: E402
@@ -137,14 +138,7 @@ def main(argv=None):
       compiled_memory_gib=compiled_gib, compiled_temp_gib=temp_gib,
       host_max_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
       num_compilations=reward.num_compilations, scores_finite=bool(np.isfinite(scores).all()))
-  text = json.dumps(result)
-  print(text, flush=True)
-  out = args.out or (os.path.join(os.environ["OUT"], f"reward_{args.config}.json")
-                     if os.environ.get("OUT") else None)
-  if out:
-    with open(out, "w") as f:
-      f.write(text + "\n")
-  return result
+  return emit(result, args.out, f"reward_{args.config}.json")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from benchmarks.json_report import emit  # noqa: E402
 from eva_jax import aot, parallel  # noqa: E402
 from eva_jax.models import Transformer, get_config, init_cache  # noqa: E402
 from eva_jax.models.config import LOCAL  # noqa: E402
@@ -239,16 +240,6 @@ def roofline(cfg, weight_bytes: int, rows: int, prompt_len: int, max_new: int,
               roofline_step_s=step_s, roofline_new_tokens_per_s=rows / step_s)
 
 
-def emit(result: dict, filename: str) -> dict:
-  """Prints the result as one JSON line, and writes it to $OUT/filename when $OUT is set."""
-  text = json.dumps(result)
-  print(text, flush=True)
-  if os.environ.get("OUT"):
-    with open(os.path.join(os.environ["OUT"], filename), "w") as f:
-      f.write(text + "\n")
-  return result
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default="tiny")
@@ -326,7 +317,7 @@ def main(argv=None):
                   top_k=args.top_k or None, decode_params=args.decode_params,
                   decode_segments=args.decode_segments,
                   compiled=aot_compile(model, mesh, args, methods))
-    return emit(result, f"sampler_aot_{args.config}.json")
+    return emit(result, None, f"sampler_aot_{args.config}.json")
   bench = {}
   if args.top_p_bench or args.top_p_bench_only:
     bench = dict(top_p_bench=top_p_bench(
@@ -337,7 +328,7 @@ def main(argv=None):
                   device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows,
                   vocab=cfg.vocab_size, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k or None, **bench)
-    return emit(result, f"sampler_top_p_{args.config}.json")
+    return emit(result, None, f"sampler_top_p_{args.config}.json")
 
   model = Transformer(cfg)
   mesh = parallel.create_mesh({"data": -1, "tensor": args.tensor})
@@ -423,7 +414,7 @@ def main(argv=None):
       vs_tunix_anchor=(tokens_per_s / TUNIX_ANCHOR["new_tokens_per_s"]
                        if (args.config, args.batch, args.prompt_len, args.max_new_tokens,
                            args.num_samples) == ("gemma2_2b", 256, 256, 256, 1) else None))
-  return emit(result, f"sampler_{args.config}.json")
+  return emit(result, None, f"sampler_{args.config}.json")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.json_report import emit  # noqa: E402
 from eva_jax import aot, parallel  # noqa: E402
 from eva_jax.models import get_config  # noqa: E402
 from eva_jax.models.config import ATTENTION_IMPLS  # noqa: E402
@@ -281,13 +282,7 @@ def main(argv=None):
 
 def report(result: dict, args) -> dict:
   """Prints the JSON line and writes it to --out (or $OUT/train_step_<config>.json)."""
-  print(json.dumps(result), flush=True)
-  out = args.out or (os.path.join(os.environ["OUT"], f"train_step_{args.config}.json")
-                     if os.environ.get("OUT") else None)
-  if out:
-    with open(out, "w") as f:
-      json.dump(result, f)
-  return result
+  return emit(result, args.out, f"train_step_{args.config}.json")
 
 
 if __name__ == "__main__":

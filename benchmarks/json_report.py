@@ -1,0 +1,20 @@
+"""How every benchmark reports: one JSON line on stdout, and the same object in a file."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+
+def emit(result: dict, out: Optional[str], default_name: str) -> dict:
+  """Prints `result` as one JSON line and writes it to `out` (a `--out` flag), or else to
+  $OUT/`default_name` when OUT is set; returns it."""
+  text = json.dumps(result)
+  print(text, flush=True)
+  path = out or (os.path.join(os.environ["OUT"], default_name) if os.environ.get("OUT")
+                 else None)
+  if path:
+    with open(path, "w") as f:
+      f.write(text + "\n")
+  return result
