@@ -14,6 +14,7 @@ are in `Optimizer.state_dtype` (float32). With bfloat16 params, `make_optimizer(
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import flax
@@ -71,6 +72,11 @@ def make_policy_model(config: GemmaConfig, remat: str = "full", compute_dtype: s
     changes["scan_layers"] = bool(scan_layers)
   if attention_impl is not None:
     changes["attention_impl"] = attention_impl
+  if changes.get("attention_impl", config.attention_impl) == "flash" and (
+      jax.default_backend() == "cpu"):
+    logging.warning("make_policy_model: attention_impl='flash' on a CPU runs the kernels in "
+                    "Pallas' interpreter, many times slower than 'xla' (it is meant for "
+                    "tests); the kernels are for GPUs and TPUs.")
   return Transformer(config.replace(**changes), remat=remat)
 
 
