@@ -211,21 +211,19 @@ class Attention(nn.Module):
       value = nn.with_logical_constraint(
           jax.lax.dynamic_index_in_dim(new_cache["v"], start[0], 0, keepdims=False), CACHE_AXES)
 
-    if mask.ndim == 2:
-      # `attention_impl = "flash"` (full sequences only): `mask` is which keys are real and
-      # the kernel applies the causal and window rules itself.
+    flash_decoding = cfg.attention_impl == "flash" and cache is not None and q.shape[1] == 1
+    if mask.ndim == 2 or flash_decoding:
       window = cfg.sliding_window if self.attn_type == LOCAL else None
-      enc = flash.flash_attention(q, key, value, mask, softcap=cfg.attn_logit_softcap,
-                                  window=window, logical_axes=(ACT_HEADS, ACT_KV, ACT_KEYS))
-      enc = nn.with_logical_constraint(enc, ACT_HEADS)
-      return jnp.einsum("btnh,nhd->btd", enc, o_w.astype(dtype)), new_cache
-
-    if cfg.attention_impl == "flash" and cache is not None and q.shape[1] == 1:
-      # One decode step: the kernel reads the cache only up to `cache_index`.
-      window = cfg.sliding_window if self.attn_type == LOCAL else None
-      enc = flash.flash_decode(q, key, value, mask[:, 0, :], cache_index,
-                               softcap=cfg.attn_logit_softcap, window=window,
-                               logical_axes=(ACT_HEADS, CACHE_AXES, CACHE_KEYS))
+      if mask.ndim == 2:
+        # Full sequences: `mask` is which keys are real; the kernel applies the causal and
+        # window rules itself.
+        enc = flash.flash_attention(q, key, value, mask, softcap=cfg.attn_logit_softcap,
+                                    window=window, logical_axes=(ACT_HEADS, ACT_KV, ACT_KEYS))
+      else:
+        # One decode step: the kernel reads the cache only up to `cache_index`.
+        enc = flash.flash_decode(q, key, value, mask[:, 0, :], cache_index,
+                                 softcap=cfg.attn_logit_softcap, window=window,
+                                 logical_axes=(ACT_HEADS, CACHE_AXES, CACHE_KEYS))
       enc = nn.with_logical_constraint(enc, ACT_HEADS)
       return jnp.einsum("btnh,nhd->btd", enc, o_w.astype(dtype)), new_cache
 
