@@ -81,8 +81,7 @@ def _timed(fn, args, iters):
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t)
   try:
-    args_gib, out_gib, temp_gib, alias_gib = aot.memory_gib(compiled)
-    memory = args_gib + out_gib + temp_gib - alias_gib
+    memory = aot.memory_total_gib(compiled)
   except Exception:  # not every backend reports it
     memory = None
   return compiled, dict(compile_s=compile_s, step_s=statistics.median(times),

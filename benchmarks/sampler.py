@@ -196,9 +196,8 @@ def aot_compile(model, mesh, args, methods) -> list:
     compiled = sampler._compile(call_args, statics, rows, length)
     compile_s = time.perf_counter() - start
     hlo = compiled.as_text()
-    args_gib, outputs_gib, temps_gib, aliased_gib = aot.memory_gib(compiled)
     out.append(dict(method=method, compile_s=compile_s,
-                    compiled_memory_gib=args_gib + outputs_gib + temps_gib - aliased_gib,
+                    compiled_memory_gib=aot.memory_total_gib(compiled),
                     sort_ops=len(_SORT_OP.findall(hlo)),
                     while_ops=len(re.findall(r"\swhile\(", hlo))))
     print(json.dumps(out[-1]), file=sys.stderr, flush=True)

@@ -168,10 +168,9 @@ def xla_tflops(compiled):
 def compiled_memory_gib(compiled):
   """(total, temporaries) GiB: arguments + outputs + temporaries - aliased."""
   try:
-    args, outputs, temps, aliased = aot.memory_gib(compiled)
+    return aot.memory_total_gib(compiled), aot.memory_gib(compiled)[2]
   except Exception:  # not every backend reports it
     return None, None
-  return args + outputs + temps - aliased, temps
 
 
 def main(argv=None):

@@ -282,6 +282,12 @@ def memory_gib(compiled) -> tuple[float, float, float, float]:
           m.temp_size_in_bytes / GIB, m.alias_size_in_bytes / GIB)
 
 
+def memory_total_gib(compiled) -> float:
+  """GiB per chip of `compiled` alone: arguments + outputs + temporaries - aliased."""
+  arg, out, temp, alias = memory_gib(compiled)
+  return arg + out + temp - alias
+
+
 def xla_cost(compiled) -> tuple[float, float]:
   """(FLOPs, bytes accessed) per chip (XLA reports an SPMD program's per-device cost); 0 where
   XLA reports nothing (XLA:GPU reports no cost analysis)."""

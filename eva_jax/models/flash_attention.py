@@ -126,6 +126,23 @@ def _query_block_range(k_block, bk: int, bq: int, num_q_blocks: int, window: Opt
   return lo, hi
 
 
+def _online_softmax_step(s, mask, m, l):
+  """One key block of the online softmax: (p, correction, m_new, l_new) from the block's
+  scores `s` [rows, bk] where `mask`, and the running row max `m` and sum `l`; the caller
+  updates its output as acc * correction + p . v."""
+  s = jnp.where(mask, s, _MASK_VALUE)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+  correction = jnp.exp(m - m_new)
+  return p, correction, m_new, l * correction + jnp.sum(p, axis=1)
+
+
+def _softmax_init(rows: int, head_dim: int):
+  """(acc, m, l) before the first key block."""
+  return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, softcap, window,
                     bq, bk):
   q_block = pl.program_id(2)
@@ -137,20 +154,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, softcap, 
     keys = pl.ds(j * bk, bk)
     s, _ = _capped_scores(q, k_ref[keys, :], softcap)
     mask = _visible(q_block * bq, bq, j * bk, bk, valid_ref[keys], window)
-    s = jnp.where(mask, s, _MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-    correction = jnp.exp(m - m_new)
-    l = l * correction + jnp.sum(p, axis=1)
+    p, correction, m, l = _online_softmax_step(s, mask, m, l)
     v = v_ref[keys, :]
-    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
-    return acc, m_new, l
+    return acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0), m, l
 
-  head_dim = q_ref.shape[-1]
-  init = (jnp.zeros((bq, head_dim), jnp.float32), jnp.full((bq,), _MASK_VALUE, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
   lo, hi = _key_block_range(q_block, bq, bk, num_k_blocks, window)
-  acc, m, l = lax.fori_loop(lo, hi, body, init)
+  acc, m, l = lax.fori_loop(lo, hi, body, _softmax_init(bq, q_ref.shape[-1]))
   l_safe = jnp.where(l > 0, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(l_safe)
@@ -215,9 +224,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_re
 # [B, S]; lse, delta [B, N, T].
 
 
-def _compiler_params(blocks: BlockSizes):
+def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
+  """Triton's launch settings; none for Pallas' interpreter."""
+  if interpret:
+    return None
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU-only names)
-  return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _on_platform(call, tpu, *args):
@@ -296,7 +308,7 @@ def _forward(q, k, v, key_valid, *, softcap, window, blocks: BlockSizes):
         out_specs=[q_spec, stat_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-        compiler_params=None if interpret else _compiler_params(blocks),
+        compiler_params=_compiler_params(interpret, blocks.num_warps, blocks.num_stages),
         interpret=interpret, name="flash_attention_forward")(q, k, v, key_valid)
 
   tpu = functools.partial(_splash, softcap=softcap, window=window, with_lse=True)
@@ -322,7 +334,7 @@ def _backward(q, k, v, key_valid, out, lse, do, *, softcap, window, blocks: Bloc
         in_specs=[q_all, kv_all, kv_all, valid_spec, q_all, stat_all, stat_all],
         out_specs=[per_head_kv, per_head_kv],
         out_shape=[jax.ShapeDtypeStruct((b, s, n, h), jnp.float32)] * 2,
-        compiler_params=None if interpret else _compiler_params(blocks),
+        compiler_params=_compiler_params(interpret, blocks.num_warps, blocks.num_stages),
         interpret=interpret, name="flash_attention_dkdv")(q, k, v, key_valid, do, lse, delta)
 
   q_rows, _, _, stat_rows = _specs(groups, t, s, h, rows=bq)
@@ -333,7 +345,7 @@ def _backward(q, k, v, key_valid, out, lse, do, *, softcap, window, blocks: Bloc
         in_specs=[q_rows, kv_all, kv_all, valid_spec, q_rows, stat_rows, stat_rows],
         out_specs=q_rows,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=None if interpret else _compiler_params(blocks),
+        compiler_params=_compiler_params(interpret, blocks.num_warps, blocks.num_stages),
         interpret=interpret, name="flash_attention_dq")(q, k, v, key_valid, do, lse, delta)
 
   def per_kv_head(x, like):
@@ -538,21 +550,13 @@ def _decode_kernel(index_ref, q_ref, k_ref, v_ref, visible_ref, o_ref, *, softca
     if softcap:
       s = jnp.tanh(s * (1.0 / softcap)) * softcap
     mask = jnp.broadcast_to((visible_ref[keys] != 0)[None, :], s.shape)
-    s = jnp.where(mask, s, _MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-    correction = jnp.exp(m - m_new)
-    l = l * correction + jnp.sum(p, axis=1)
+    p, correction, m, l = _online_softmax_step(s, mask, m, l)
     v = v_ref[keys, :].astype(jnp.float32)
-    acc = acc * correction[:, None] + jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
-    return acc, m_new, l
+    return acc * correction[:, None] + jnp.sum(p[:, :, None] * v[None, :, :], axis=1), m, l
 
-  rows, head_dim = q_ref.shape
-  init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK_VALUE, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
   hi = jnp.minimum(lax.div(index, bk) + 1, num_blocks)
   lo = jnp.maximum(lax.div(index - window + 1, bk), 0) if window else jnp.int32(0)
-  acc, _, l = lax.fori_loop(lo, hi, body, init)
+  acc, _, l = lax.fori_loop(lo, hi, body, _softmax_init(*q_ref.shape))
   o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 
@@ -585,7 +589,7 @@ def _local_decode(q, k, v, visible, cache_index, *, softcap, window):
   kernel = functools.partial(_decode_kernel, softcap=softcap, window=window, bk=bk)
 
   def call(index, qg, k, v, visible, interpret):
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel, grid=(b, kv_heads),
         in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)),
                   pl.BlockSpec((None, rows, head_dim), lambda i, j: (i, j, 0)),
@@ -594,19 +598,16 @@ def _local_decode(q, k, v, visible, cache_index, *, softcap, window):
                   pl.BlockSpec((None, length), lambda i, j: (i, 0))],
         out_specs=pl.BlockSpec((None, rows, head_dim), lambda i, j: (i, j, 0)),
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-        compiler_params=(None if interpret else
-                         _compiler_params(BlockSizes(num_warps=4, num_stages=2))),
+        compiler_params=_compiler_params(interpret, num_warps=4, num_stages=2),
         interpret=interpret, name="flash_decode")(index, qg, k, v, visible)
+    return out.reshape(b, kv_heads, rows, head_dim)[:, :, :groups, :h].reshape(b, 1, n, h)
 
   def tpu(index, qg, k, v, visible):
-    del index
-    q_rows = qg.reshape(b, kv_heads, rows, head_dim)[:, :, :groups].reshape(b, n, head_dim)
-    out = decode_reference(q_rows, k, v, visible, softcap=softcap)
-    return _pad_axis(out.reshape(b, kv_heads, groups, head_dim), 2, rows).reshape(qg.shape)
+    del index, qg  # the XLA ops take q as it came, and read the whole cache
+    return decode_reference(q[:, 0], k[..., :h], v[..., :h], visible,
+                            softcap=softcap)[:, None]
 
-  out = _on_platform(call, tpu, index, qg, k, v, visible)
-  out = out.reshape(b, kv_heads, rows, head_dim)[:, :, :groups, :h]
-  return out.reshape(b, 1, n, h)
+  return _on_platform(call, tpu, index, qg, k, v, visible)
 
 
 def flash_decode(q, k, v, visible, cache_index, *, softcap: Optional[float] = None,
