@@ -90,6 +90,12 @@ def test_errors_name_the_problem():
     flash_attention(q[:, :, :1], jnp.concatenate([k, k], 2), jnp.concatenate([v, v], 2), valid)
   with pytest.raises(ValueError, match="power of two"):
     BlockSizes(block_q=48)
+  from eva_jax.models.flash_attention import flash_decode  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="decodes one"):
+    flash_decode(q[:, :2], k, v, valid, jnp.int32(1))
+  with pytest.raises(ValueError, match="not a multiple"):
+    flash_decode(q[:, :1, :1], jnp.concatenate([k, k], 2), jnp.concatenate([v, v], 2), valid,
+                 jnp.int32(1))
   with pytest.raises(ValueError, match="attention_impl"):
     get_config("tiny", attention_impl="cudnn")
   model = Transformer(get_config("tiny", attention_impl="flash"))
