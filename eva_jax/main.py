@@ -41,6 +41,13 @@ def parse_args(argv):
   parser.add_argument("--workdir", default=None,
                       help="run folder, local or gs:// (default: a fresh temporary folder); "
                       "a folder holding a run resumes it")
+  parser.add_argument("--compilation_cache_dir", default=None,
+                      help="JAX's persistent compilation cache: compiled programs are kept "
+                      "there, and a later process (a resumed run, after a preemption) loads "
+                      "them instead of compiling again. Default: WORKDIR/jax_cache when "
+                      "--workdir is given and JAX_COMPILATION_CACHE_DIR is not set (process 0 "
+                      "writes, every process reads: keep it where all reach, as the workdir); "
+                      "'none' turns the cache off")
   parser.add_argument("--allow_config_change", action="store_true",
                       help="resume a run even though its configuration differs")
   parser.add_argument("--coordinator_address", default=None,
@@ -120,6 +127,18 @@ def distributed_arguments(args, environ=None) -> Optional[dict]:
   return None
 
 
+def compilation_cache_dir(args, environ=None) -> Optional[str]:
+  """Where this run keeps JAX's persistent compilation cache: `--compilation_cache_dir`, else
+  WORKDIR/jax_cache; None where JAX's own setting stands (JAX_COMPILATION_CACHE_DIR is set, or
+  the workdir is a fresh temporary folder no later run will see). "none": "" (off)."""
+  environ = os.environ if environ is None else environ
+  if args.compilation_cache_dir is not None:
+    return "" if args.compilation_cache_dir.lower() == "none" else args.compilation_cache_dir
+  if environ.get("JAX_COMPILATION_CACHE_DIR") or not args.workdir:
+    return None
+  return args.workdir.rstrip("/") + "/jax_cache"  # "/" also joins gs:// paths
+
+
 def initialize_distributed(args) -> None:
   """Joins the other processes of a multi-process run (nothing to do with one process)."""
   kwargs = distributed_arguments(args)
@@ -144,6 +163,12 @@ def default_platforms(environ=None) -> None:
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   default_platforms()
+  cache_dir = compilation_cache_dir(args)
+  if cache_dir is not None:
+    import jax  # pylint: disable=import-outside-toplevel
+    # Before anything compiles: JAX decides at its first compile whether it uses the cache.
+    jax.config.update("jax_enable_compilation_cache", bool(cache_dir))
+    jax.config.update("jax_compilation_cache_dir", cache_dir or None)
   initialize_distributed(args)
   # Importing the loop registers every configurable before gin parses.
   from eva_jax import loop  # pylint: disable=import-outside-toplevel

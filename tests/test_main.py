@@ -35,10 +35,28 @@ def test_distributed_flags_go_together():
     eva_main.main(["--coordinator_address", "127.0.0.1:1234"])
 
 
+@pytest.mark.parametrize("argv,environ,want", [
+    (["--workdir", "/runs/a"], {}, "/runs/a/jax_cache"),
+    (["--workdir", "gs://bucket/runs/a/"], {}, "gs://bucket/runs/a/jax_cache"),
+    (["--workdir", "/runs/a"], {"JAX_COMPILATION_CACHE_DIR": "/mine"}, None),
+    ([], {}, None),  # a fresh temporary workdir: no later run would read it
+    (["--workdir", "/runs/a", "--compilation_cache_dir", "/shared/cache"],
+     {"JAX_COMPILATION_CACHE_DIR": "/mine"}, "/shared/cache"),
+    (["--workdir", "/runs/a", "--compilation_cache_dir", "none"], {}, ""),
+])
+def test_where_the_compilation_cache_goes(argv, environ, want):
+  args = eva_main.parse_args(argv)
+  assert eva_main.compilation_cache_dir(args, environ) == want
+
+
 def test_module_entry_point_runs_the_default_config(tmp_path):
   """The README's second set-up command (one short round instead of the default's three, and
-  a workdir to look into): the closed world from the shipped warm-started solver."""
+  a workdir to look into): the closed world from the shipped warm-started solver. With no
+  JAX_COMPILATION_CACHE_DIR, the compiled programs are kept in WORKDIR/jax_cache for the
+  next process (this env writes every program there, however fast it compiled)."""
   env = dict(os.environ, XLA_FLAGS="")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   proc = subprocess.run([sys.executable, "-m", "eva_jax.main", "--workdir", str(tmp_path),
                          "--gin_bindings", "EvaConfig.num_rounds = 1"],
                         capture_output=True, text=True, env=env, timeout=600)
@@ -54,6 +72,7 @@ def test_module_entry_point_runs_the_default_config(tmp_path):
       tmp_path / "config.gin").read_text()
   assert sorted(os.listdir(tmp_path / "plots")) == ["heldout_reward.png",
                                                     "informativeness.png"]
+  assert len(os.listdir(tmp_path / "jax_cache")) > 5
 
 
 @pytest.mark.parametrize("files", [["eva_gemma.gin"], ["eva_gemma.gin", "losses/simpo.gin"],

@@ -36,9 +36,16 @@ def test_sigterm_saves_exits_0_and_resumes(reference_run, tmp_path):
 
 
 def test_gs_workdir_killed_and_resumed(reference_run, gcs_bucket):
+  """Also the compilation cache's default place, WORKDIR/jax_cache, on gs://: the killed
+  process writes it, the resumed one loads programs from it (and still ends as the
+  uninterrupted run)."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
   workdir = f"{gcs_bucket}/run"
-  killed = H.run_subprocess(workdir, fault="1:reference:kill")
+  cache_in_workdir = {"JAX_COMPILATION_CACHE_DIR": ""}  # not the tests' shared local cache
+  killed = H.run_subprocess(workdir, fault="1:reference:kill", extra_env=cache_in_workdir)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  resumed = H.run_subprocess(workdir)
+  assert list(epath.Path(f"{workdir}/jax_cache").iterdir())
+  resumed = H.run_subprocess(workdir, extra_env={**cache_in_workdir, "JAX_LOG_COMPILES": "1"})
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Persistent compilation cache hit" in resumed.stderr
   H.assert_same_run(workdir, reference_run)
