@@ -13,7 +13,7 @@
 # time limit, so that a slow compile costs that step only, and no step runs past DEADLINE_S
 # (570 by default) from the script's start: it is cut to the time left, or skipped when under
 # 20 s are left, so the call returns its results before the device limit. Results:
-# $OUT/*.json and $OUT/log.txt.
+# $OUT/*.json and $OUT/log.txt; `benchmarks/gpu_report.py` reads them against the targets.
 # MODEL=tiny with SMALL=1 runs the same steps on small shapes (a CPU smoke test; PYTHON=
 # names the interpreter, python3 by default).
 set -o pipefail
@@ -118,4 +118,8 @@ case "$PART" in
     sampler segments4 "--param_dtype float32 --decode_segments 4" ;;
   *) echo "PART must be 1 or 2, got $PART" >&2; exit 2 ;;
 esac
+# Against the targets (this part's figures only; here, `python benchmarks/gpu_report.py DIR1
+# DIR2` reads both parts' folders as one).
+step report
+"$PYTHON" benchmarks/gpu_report.py "$OUT" 2>&1 | tee -a "$log"
 step finished
