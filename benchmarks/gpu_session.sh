@@ -68,16 +68,10 @@ sampler() {  # name, flags
 }
 step device
 [ -f .gpu/bench/device_env.py ] && python3 .gpu/bench/device_env.py 2>&1 | grep -v -i warning | tee -a "$log"
-tunix_dpo() {
-  if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_dpo.py ]; then
-    step tunix dpo
-    bounded "${PEER_S:-110}" python3 .gpu/bench/peer_tunix_dpo.py "$MODEL" 4 512 512 12 2>&1 | keep
-  fi
-}
-tunix_sampler() {
-  if [ -n "$PEER_SHAPES" ] && [ -f .gpu/bench/peer_tunix_generate.py ]; then
-    step tunix sampler
-    bounded "${PEER_S:-110}" python3 .gpu/bench/peer_tunix_generate.py "$MODEL" 256 256 256 2>&1 | keep
+peer() {  # script of .gpu/bench, its arguments after the model: a Tunix peer, at full shapes
+  if [ -n "$PEER_SHAPES" ] && [ -f ".gpu/bench/$1.py" ]; then
+    step "$1"
+    bounded "${PEER_S:-110}" python3 ".gpu/bench/$1.py" "$MODEL" "${@:2}" 2>&1 | keep
   fi
 }
 case "$PART" in
@@ -93,9 +87,9 @@ case "$PART" in
     # float32 params as the loop holds them), then Tunix's.
     train default ""
     train mixed_precision_flash "--gin_file mixed_precision.gin --attention_impl flash"
-    tunix_dpo
+    peer peer_tunix_dpo 4 512 512 12
     sampler default "--param_dtype float32"
-    tunix_sampler ;;
+    peer peer_tunix_generate 256 256 256 ;;
   2)
     # The decode kernel that reads the cache only up to each step's slot (attention_impl
     # flash); the fused attention kernels alone against XLA's at the train step's shape (speed,

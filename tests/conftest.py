@@ -3,7 +3,9 @@ persistent compilation cache, which tests and the processes they start share (ma
 build the same small programs again, e.g. every resumed run of the round loop)."""
 
 import getpass
+import importlib.util
 import os
+import pathlib
 import tempfile
 
 import pytest
@@ -21,6 +23,19 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("EVA_JAX_NO_PROGRESS", "1")
+
+
+@pytest.fixture
+def benchmark_script():
+  """Loads a script of benchmarks/ (not a package) as a module: benchmark_script("attention")."""
+  folder = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+  def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  return load
 
 
 @pytest.fixture

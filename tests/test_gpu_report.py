@@ -1,18 +1,7 @@
 """benchmarks/gpu_report.py: a GPU session's results against issue 10's targets, from the
 JSON files the benchmarks and the Tunix peers write (synthetic figures here)."""
 
-import importlib.util
 import json
-import pathlib
-
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_report.py"
-
-
-def _report():
-  spec = importlib.util.spec_from_file_location("gpu_report", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _write(folder, name, obj):
@@ -30,7 +19,7 @@ def _sampler(new_tokens_per_s, roofline_fraction, compile_s=10.0, first_call_s=2
               compile_s=compile_s, first_call_s=first_call_s, xla_flags="")
 
 
-def test_two_parts_read_as_one_against_the_targets(tmp_path):
+def test_two_parts_read_as_one_against_the_targets(tmp_path, benchmark_script):
   part1, part2 = tmp_path / "part1", tmp_path / "part2"
   _write(part1, "peer_tunix_dpo_gemma2_2b", dict(tokens_per_s=28_700, peak_gib=53.7,
                                                  device="NVIDIA H200", model="gemma2_2b"))
@@ -45,7 +34,7 @@ def test_two_parts_read_as_one_against_the_targets(tmp_path):
   _write(part2, "sampler_flash_decode", _sampler(33_000, 0.6))
   (part2 / "sampler_sort.json").write_text('{"new_tokens_per_s": 1')  # killed mid-write
 
-  summary = _report().main([str(part1), str(part2)])
+  summary = benchmark_script("gpu_report").main([str(part1), str(part2)])
   assert summary["about"]["device"] == ["NVIDIA H200"]
   assert summary["about"]["config"] == ["gemma2_2b"]
   assert set(summary["train"]) == {"default", "mixed_precision_flash", "mixed_precision"}
@@ -62,20 +51,20 @@ def test_two_parts_read_as_one_against_the_targets(tmp_path):
   assert json.loads((part1 / "gpu_report.json").read_text())["targets"] == targets
 
 
-def test_over_the_peak_is_not_met(tmp_path):
+def test_over_the_peak_is_not_met(tmp_path, benchmark_script):
   _write(tmp_path, "peer_tunix_dpo_gemma2_2b", dict(tokens_per_s=28_700, peak_gib=53.7))
   _write(tmp_path, "train_mixed_precision_flash", _train(40_000, 60.0))
   _write(tmp_path, "train_mixed_precision", _train(30_000, 50.0))  # 1.05x
-  shipped = _report().main([str(tmp_path)])["targets"][
+  shipped = benchmark_script("gpu_report").main([str(tmp_path)])["targets"][
       "train: a shipped config >= 1.2x Tunix at <= its peak"]
   assert shipped == dict(run="mixed_precision_flash", ok=False, verdict="NOT met")
 
 
-def test_missing_figures_are_not_measured_never_met(tmp_path, capsys):
+def test_missing_figures_are_not_measured_never_met(tmp_path, capsys, benchmark_script):
   """No Tunix runs (a cut part) and a default whose step failed: the ratios are unknown."""
   _write(tmp_path, "train_mixed_precision", _train(35_000, 40.0))
   _write(tmp_path, "sampler_default", _sampler(29_000, 0.3, compile_s=25.0))
-  summary = _report().main([str(tmp_path)])
+  summary = benchmark_script("gpu_report").main([str(tmp_path)])
   verdicts = {name: t["verdict"] for name, t in summary["targets"].items()}
   assert verdicts == {
       "train: a shipped config >= 1.2x Tunix at <= its peak": "not measured",

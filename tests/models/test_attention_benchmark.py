@@ -1,23 +1,12 @@
 """benchmarks/attention.py runs and its error check can fail."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
 
-
-def _bench():
-  spec = importlib.util.spec_from_file_location("attention_benchmark", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_reports_both_implementations_and_their_agreement(tmp_path):
-  bench = _bench()
+def test_reports_both_implementations_and_their_agreement(tmp_path, benchmark_script):
+  bench = benchmark_script("attention")
   out = tmp_path / "attention.json"
   result = bench.main(["--batch", "2", "--length", "48", "--heads", "4", "--kv_heads", "2",
                        "--head_dim", "16", "--pad", "5", "--window", "20", "--iters", "1",
@@ -30,8 +19,8 @@ def test_reports_both_implementations_and_their_agreement(tmp_path):
   assert result["blocks"]["block_q"] == 16
 
 
-def test_flops_count_the_visible_pairs():
-  bench = _bench()
+def test_flops_count_the_visible_pairs(benchmark_script):
+  bench = benchmark_script("attention")
   # 4 positions, causal: 10 visible pairs; a window of 2: 7.
   assert bench.attention_flops(1, 4, 1, 1, None) == pytest.approx(2 * 7 * 10)
   assert bench.attention_flops(3, 4, 2, 8, 2) == pytest.approx(2 * 7 * 7 * 3 * 2 * 8)
