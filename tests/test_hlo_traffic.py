@@ -1,0 +1,131 @@
+"""eva_jax.hlo_traffic: bytes a compiled loop moves per iteration, on programs compiled here
+(XLA:CPU, and XLA:TPU ahead of time through libtpu) and on hand-written HLO for the rules
+the CPU does not produce (TPU VMEM, nested fusions)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from eva_jax import hlo_traffic
+
+MIB = 2 ** 20
+
+
+def _only_loop(text):
+  (loop,) = hlo_traffic.loop_traffic(text)
+  return loop
+
+
+def test_a_loop_charges_its_elementwise_work_and_in_place_updates_their_rows():
+  """x + 1 over a 4 MiB carry reads and writes it every iteration; writing one 4 KiB row
+  into a 256 KiB buffer (in place) costs the row, not the buffer; the trip count is read
+  off the loop."""
+  def run(x, buf):
+    def body(i, carry):
+      x, buf = carry
+      buf = jax.lax.dynamic_update_slice_in_dim(buf, x[:1] * 2, i, axis=0)
+      return x + 1.0, buf
+    return jax.lax.fori_loop(0, 5, body, (x, buf))
+
+  compiled = jax.jit(run, donate_argnums=(0, 1)).lower(
+      jnp.zeros((1024, 1024)), jnp.zeros((64, 1024))).compile()
+  loop = _only_loop(compiled.as_text())
+  assert loop.trip_count == 5
+  by_name = dict(loop.by_op_name)
+  assert by_name["closed_call/add"] == 8 * MIB
+  assert 8 * 1024 <= by_name["closed_call/dynamic_update_slice"] <= 16 * 1024
+  # XLA:CPU also copies x once an iteration (its copy insertion): 8 MiB more, not hidden.
+  assert 16 * MIB <= loop.bytes_per_iteration <= 17 * MIB
+
+
+def test_a_row_sliced_out_of_a_big_operand_costs_the_row():
+  def run(table, ids):
+    def body(i, acc):
+      row = jax.lax.dynamic_index_in_dim(table, ids[i], keepdims=False)
+      return acc + row
+    return jax.lax.fori_loop(0, 8, body, jnp.zeros(table.shape[1]))
+
+  compiled = jax.jit(run).lower(jnp.zeros((4096, 1024)), jnp.zeros((8,), jnp.int32)).compile()
+  loop = _only_loop(compiled.as_text())
+  assert loop.trip_count == 8
+  assert loop.bytes_per_iteration < 64 * 1024  # the table is 16 MiB
+
+
+def test_nested_loops_multiply_by_their_trip_counts():
+  def run(x):
+    def outer(i, x):
+      return jax.lax.fori_loop(0, 3, lambda j, y: y * 1.5, x) + 1.0
+    return jax.lax.fori_loop(0, 2, outer, x)
+
+  loop = _only_loop(jax.jit(run).lower(jnp.zeros((512, 1024))).compile().as_text())
+  assert loop.trip_count == 2
+  # three multiplies (read + write 2 MiB each) inside, at least one add outside
+  assert 3 * 4 * MIB <= loop.bytes_per_iteration <= 6 * 4 * MIB
+
+
+_TPU_STYLE = """HloModule m, entry_computation_layout={()->f32[]}
+
+%inner (param_0.1: bf16[2,64,128]) -> bf16[2,64,128] {
+  ROOT %param_0.1 = bf16[2,64,128]{2,1,0:T(8,128)(2,1)} parameter(0)
+}
+
+%fused_dot (param_0.2: bf16[2,64,128], param_1.2: bf16[8,64]) -> f32[8,128] {
+  %param_0.2 = bf16[2,64,128]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %fusion.9 = bf16[2,64,128]{2,1,0:T(8,128)(2,1)} fusion(%param_0.2), kind=kLoop, calls=%inner
+  %slice.1 = bf16[1,64,128]{2,1,0:T(8,128)(2,1)} slice(%fusion.9), slice={[0:1], [0:64], [0:128]}
+  %bitcast.1 = bf16[64,128]{1,0:T(8,128)(2,1)} bitcast(%slice.1)
+  %param_1.2 = bf16[8,64]{1,0:T(8,128)(2,1)S(1)} parameter(1)
+  ROOT %dot.1 = f32[8,128]{1,0:T(8,128)} convolution(%param_1.2, %bitcast.1), dim_labels=bf_io->bf
+}
+
+%body (arg.1: (s32[], bf16[2,64,128], bf16[8,64], f32[8,128])) -> (s32[], bf16[2,64,128], bf16[8,64], f32[8,128]) {
+  %arg.1 = (s32[]{:T(128)}, bf16[2,64,128]{2,1,0:T(8,128)(2,1)}, bf16[8,64]{1,0:T(8,128)(2,1)S(1)}, f32[8,128]{1,0:T(8,128)}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%arg.1), index=0
+  %w = bf16[2,64,128]{2,1,0:T(8,128)(2,1)} get-tuple-element(%arg.1), index=1
+  %x = bf16[8,64]{1,0:T(8,128)(2,1)S(1)} get-tuple-element(%arg.1), index=2
+  %out = f32[8,128]{1,0:T(8,128)} fusion(%w, %x), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(f)/while/body/layer_7/mlp/dot_general"}
+  %one = s32[]{:T(128)} constant(1)
+  %next = s32[]{:T(128)} add(%i, %one)
+  ROOT %t = (s32[]{:T(128)}, bf16[2,64,128]{2,1,0:T(8,128)(2,1)}, bf16[8,64]{1,0:T(8,128)(2,1)S(1)}, f32[8,128]{1,0:T(8,128)}) tuple(%next, %w, %x, %out)
+}
+
+%cond (arg.2: (s32[], bf16[2,64,128], bf16[8,64], f32[8,128])) -> pred[] {
+  %arg.2 = (s32[]{:T(128)}, bf16[2,64,128]{2,1,0:T(8,128)(2,1)}, bf16[8,64]{1,0:T(8,128)(2,1)S(1)}, f32[8,128]{1,0:T(8,128)}) parameter(0)
+  %limit = s32[]{:T(128)} constant(7)
+  %count = s32[]{:T(128)} get-tuple-element(%arg.2), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%count, %limit), direction=LT
+}
+
+ENTRY %main () -> f32[] {
+  %zero = s32[]{:T(128)} constant(2)
+  %start = s32[]{:T(128)} copy(%zero)
+  %w0 = bf16[2,64,128]{2,1,0:T(8,128)(2,1)} constant({...})
+  %x0 = bf16[8,64]{1,0:T(8,128)(2,1)S(1)} constant({...})
+  %o0 = f32[8,128]{1,0:T(8,128)} constant({...})
+  %init = (s32[]{:T(128)}, bf16[2,64,128]{2,1,0:T(8,128)(2,1)}, bf16[8,64]{1,0:T(8,128)(2,1)S(1)}, f32[8,128]{1,0:T(8,128)}) tuple(%start, %w0, %x0, %o0)
+  %loop = (s32[]{:T(128)}, bf16[2,64,128]{2,1,0:T(8,128)(2,1)}, bf16[8,64]{1,0:T(8,128)(2,1)S(1)}, f32[8,128]{1,0:T(8,128)}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_tpu_rules_vmem_nested_fusions_and_a_fori_loop_without_a_known_trip_count():
+  """What XLA:TPU writes: operands in VMEM (`S(1)`) move no HBM bytes; a parameter passed
+  through a nested fusion and then sliced costs the slice; the trip count (7 - 2) comes from
+  the condition and the counter's constant start."""
+  loop = _only_loop(_TPU_STYLE)
+  assert loop.trip_count == 5
+  half_weight, output = 64 * 128 * 2, 8 * 128 * 4
+  assert loop.by_op_name[0] == ("layer_N/mlp/dot_general", half_weight + output)
+  assert loop.bytes_per_iteration == half_weight + output + 12  # and the counter's add
+
+
+def test_shape_bytes_reads_tuples_sub_byte_types_and_vmem():
+  assert hlo_traffic.shape_bytes("(bf16[2,3]{1,0}, s4[8]{0}, pred[5]{0})") == 12 + 4 + 5
+  assert hlo_traffic.shape_bytes("f32[4,4]{1,0:T(8,128)S(1)}") == 0
+  assert hlo_traffic.shape_bytes("s32[]") == 4
+
+
+def test_loops_without_a_body_or_an_entry_are_reported():
+  with pytest.raises(ValueError, match="no ENTRY"):
+    hlo_traffic.loop_traffic("HloModule m\n")
