@@ -2,11 +2,16 @@
 (XLA:CPU, and XLA:TPU ahead of time through libtpu) and on hand-written HLO for the rules
 the CPU does not produce (TPU VMEM, nested fusions)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from eva_jax import hlo_traffic
+from eva_jax import aot, hlo_traffic
+from eva_jax.models import Transformer, get_config, init_cache
 
 MIB = 2 ** 20
 
@@ -124,6 +129,37 @@ def test_shape_bytes_reads_tuples_sub_byte_types_and_vmem():
   assert hlo_traffic.shape_bytes("(bf16[2,3]{1,0}, s4[8]{0}, pred[5]{0})") == 12 + 4 + 5
   assert hlo_traffic.shape_bytes("f32[4,4]{1,0:T(8,128)S(1)}") == 0
   assert hlo_traffic.shape_bytes("s32[]") == 4
+
+
+def test_the_tpu_decode_step_writes_no_float32_copy_of_the_cache():
+  """Compiled for a TPU chip (libtpu, no TPU), a decode step's attention runs as matmuls
+  over the bfloat16 cache: no float32 array of the cache's shape is made (the multiply-
+  reduce form, which the CPU and GPU keep, made XLA:TPU write one per layer, per step)."""
+  cfg = get_config("tiny", dtype="bfloat16", param_dtype="bfloat16")
+  model = Transformer(cfg)
+  device = aot.topology_devices(aot.parse_topology("v5e-1"))[0]
+  mesh = jax.sharding.Mesh(np.array([device]), ("x",))
+  replicated = NamedSharding(mesh, P())
+  rows, slots = 8, 256
+  ids = jnp.ones((rows, 1), jnp.int32)
+  abstract = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
+  params = abstract(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
+  cache = abstract(jax.eval_shape(lambda: init_cache(cfg, rows, slots, jnp.bfloat16)))
+
+  def step(params, cache, ids, index):
+    return model.apply({"params": params}, ids, cache=cache, cache_index=index,
+                       attention_mask=jnp.ones((rows, slots), bool),
+                       positions=jnp.broadcast_to(index, (rows, 1)))
+
+  hlo = jax.jit(step).lower(params, cache, abstract(ids),
+                            jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+                            ).compile().as_text()
+  cache_dims = sorted((rows, slots, cfg.num_kv_heads, cfg.head_dim))
+  float32_caches = [dims for dims in re.findall(r"\bf32\[([\d,]+)\]", hlo)
+                    if sorted(int(d) for d in dims.split(",")) == cache_dims]
+  assert not float32_caches
+  assert re.search(rf"\bbf16\[{rows},{slots},{cfg.num_kv_heads},{cfg.head_dim}\]", hlo)
 
 
 def test_loops_without_a_body_or_an_entry_are_reported():

@@ -151,6 +151,46 @@ def apply_rope(x: Array, positions: Array, base: float) -> Array:
   return out.astype(x.dtype)
 
 
+# One decode step's attention over the [B, S, K, H] cache, two ways with the same math
+# (float32 products and sums of the cache's values). XLA:CPU turns the dot form into a
+# transpose of the whole cache to [B, K, S, H] every step, and the multiply-reduce reads it
+# once, in place; XLA:GPU reads it once either way. XLA:TPU lays the cache out as
+# [B, K, S, H] already and runs the dot form on the MXU reading it once, but does not fuse
+# the multiply-reduce's float32 convert: it writes a float32 copy of the whole cache and reads
+# that (about 5x the cache's bytes per step at gemma2_2b's shape, by `eva_jax.hlo_traffic`).
+# So the attention picks the dot form on TPUs (`jax.lax.platform_dependent`, decided when the
+# program is lowered for its devices, ahead-of-time compiles included).
+
+
+def decode_scores_multiply_reduce(qg: Array, key: Array) -> Array:
+  """qg [B, 1, K, G, H], key [B, S, K, H] -> float32 scores [B, K, G, 1, S]."""
+  logits = jnp.sum(qg[:, 0, None].astype(jnp.float32) *
+                   key[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
+  return jnp.transpose(logits, (0, 2, 3, 1))[:, :, :, None, :]
+
+
+def decode_scores_dot(qg: Array, key: Array) -> Array:
+  """`decode_scores_multiply_reduce` as one batched matmul over (B, K)."""
+  return jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(qg.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def decode_values_multiply_reduce(probs: Array, value: Array) -> Array:
+  """probs [B, K, G, 1, S], value [B, S, K, H] -> [B, 1, K * G, H] in probs' dtype."""
+  b, k, g, _, _ = probs.shape
+  weights = jnp.transpose(probs[:, :, :, 0, :], (0, 3, 1, 2)).astype(jnp.float32)
+  out = jnp.sum(weights[..., None] * value[:, :, :, None, :].astype(jnp.float32), axis=1)
+  return out.astype(probs.dtype).reshape(b, 1, k * g, value.shape[-1])  # summed over S
+
+
+def decode_values_dot(probs: Array, value: Array) -> Array:
+  """`decode_values_multiply_reduce` as one batched matmul over (B, K)."""
+  b, k, g, _, _ = probs.shape
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(probs.dtype),
+                   preferred_element_type=jnp.float32)
+  return out.astype(probs.dtype).reshape(b, 1, k * g, value.shape[-1])
+
+
 class Attention(nn.Module):
   """`recompute_scores`: keep only q, k, v for the backward pass and recompute the scores,
   soft-cap and softmax from them (remat "attention")."""
@@ -235,13 +275,8 @@ class Attention(nn.Module):
 
     def attend(qg, key, value, mask):
       if decoding:
-        # One new token against the whole cache: a dot contracting the [B, S, K, H] cache with
-        # batch dims (B, K) makes XLA transpose the whole cache to [B, K, S, H] on every step
-        # (an extra read and write of it per layer); a fused multiply-reduce reads it once, in
-        # place. Same math, float32 accumulation.
-        logits = jnp.sum(qg[:, 0, None].astype(jnp.float32) *
-                         key[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
-        logits = jnp.transpose(logits, (0, 2, 3, 1))[:, :, :, None, :]  # [B, K, G, 1, S]
+        logits = jax.lax.platform_dependent(qg, key, tpu=decode_scores_dot,
+                                            default=decode_scores_multiply_reduce)
       else:
         logits = jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(dtype),
                             preferred_element_type=jnp.float32)
@@ -251,9 +286,8 @@ class Attention(nn.Module):
       logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
       if decoding:
-        weights = jnp.transpose(probs[:, :, :, 0, :], (0, 3, 1, 2)).astype(jnp.float32)
-        return jnp.sum(weights[..., None] * value[:, :, :, None, :].astype(jnp.float32),
-                       axis=1).astype(dtype).reshape(b, t, n, h)  # sum over S: [B,S,K,G,H]
+        return jax.lax.platform_dependent(probs, value, tpu=decode_values_dot,
+                                          default=decode_values_multiply_reduce)
       return jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(dtype)).reshape(b, t, n, h)
 
     if self.recompute_scores and not decoding:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from eva_jax.models import GemmaConfig, Transformer, get_config, init_cache
+from eva_jax.models import transformer
 from eva_jax.models.transformer import GemmaForSequenceClassification
 
 
@@ -60,6 +61,33 @@ def test_prefill_then_decode_with_cache_equals_full_forward(name):
                                          "has 48"):
       model.apply({"params": params}, ids[:, :1], attention_mask=jnp.ones((3, slots), bool),
                   cache=cache, cache_index=jnp.int32(0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_attention_dot_and_multiply_reduce_forms_agree(dtype):
+  """The decode step's two attention forms (the dot one runs on TPUs, the multiply-reduce
+  one elsewhere) compute the same scores and weighted values, masked slots included."""
+  rng = np.random.RandomState(3)
+  b, s, k, g, h = 3, 40, 2, 3, 16
+  cast = lambda x: jnp.asarray(x, dtype)
+  qg = cast(rng.randn(b, 1, k, g, h))
+  key, value = cast(rng.randn(b, s, k, h)), cast(rng.randn(b, s, k, h))
+  want = transformer.decode_scores_multiply_reduce(qg, key)
+  got = transformer.decode_scores_dot(qg, key)
+  assert want.shape == got.shape == (b, k, g, 1, s) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  probs = jax.nn.softmax(want, axis=-1).astype(dtype)
+  want = transformer.decode_values_multiply_reduce(probs, value)
+  got = transformer.decode_values_dot(probs, value)
+  assert want.shape == got.shape == (b, 1, k * g, h) and got.dtype == jnp.dtype(dtype)
+  tol = 1e-5 if dtype == "float32" else 1e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=tol, rtol=tol)
+  # Head j of the output is kv head j // g's (HF's repeat_kv grouping).
+  np.testing.assert_allclose(np.asarray(got[:, 0, g], np.float32),
+                             np.einsum("bs,bsh->bh", np.asarray(probs[:, 1, 0, 0], np.float32),
+                                       np.asarray(value[:, :, 1], np.float32)),
+                             atol=tol, rtol=tol)
 
 
 def test_left_padding_is_transparent():
