@@ -22,6 +22,8 @@ LOCAL = "local"
 GEMMA_VOCAB = 256000
 # `GemmaConfig.attention_impl`'s values.
 ATTENTION_IMPLS = ("xla", "flash")
+# `GemmaConfig.weight_layout`'s values.
+WEIGHT_LAYOUTS = ("checkpoint", "matmul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,14 @@ class GemmaConfig:
       interpreter on the CPU: tests only), which never materialises the [B, heads, T, T]
       scores; and each decode step through its decode kernel, which reads the KV cache only
       up to the step's slot (on GPUs; XLA ops on TPUs). Prefill keeps XLA's attention.
+    weight_layout: the axis order of the projection weights. "checkpoint" (the param tree
+      everywhere but the sampler's decode copy): Gemma's own, q_einsum [N, D, H], kv_einsum
+      [2, K, D, H], gating_einsum [2, D, F]. "matmul": embed first, q_einsum [D, N, H],
+      kv_einsum [D, 2, K, H], gating_einsum [D, 2, F] (`transformer.to_matmul_layout`), so
+      each projection is one matmul reading its weight in place: in the checkpoint layout
+      XLA:GPU copies out the gate and up halves and transposes q and kv weights on every
+      call, about 5 GB a decode step at gemma2_2b's size (`eva_jax.hlo_traffic`), which the
+      sampler's decode loop, reading every weight per token, pays on every step. Same math.
   """
 
   vocab_size: int = 256
@@ -85,6 +95,7 @@ class GemmaConfig:
   num_labels: int = 1
   scan_layers: bool = False
   attention_impl: str = "xla"
+  weight_layout: str = "checkpoint"
 
   def __post_init__(self):
     object.__setattr__(self, "attention_types", tuple(self.attention_types))
@@ -100,6 +111,9 @@ class GemmaConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"GemmaConfig.attention_impl={self.attention_impl!r}: use one of "
                        f"{', '.join(map(repr, ATTENTION_IMPLS))}.")
+    if self.weight_layout not in WEIGHT_LAYOUTS:
+      raise ValueError(f"GemmaConfig.weight_layout={self.weight_layout!r}: use one of "
+                       f"{', '.join(map(repr, WEIGHT_LAYOUTS))}.")
     if self.head_dim % 2:
       raise ValueError(f"GemmaConfig: head_dim={self.head_dim} must be even for RoPE.")
 

@@ -4,7 +4,9 @@ The parameter tree is the official Gemma Flax one ("NESTED" in
 ../shared/reference/gemma_checkpoint_formats.md), with two normalisations so that one code path
 serves every size: attention always has `q_einsum` [N, D, H] and `kv_einsum` [2, K, D, H] (the
 fused `qkv_einsum` of multi-head checkpoints is split on import) and the MLP gate is always
-[2, D, F] (the transposed [2, F, D] layout of 9B/27B is transposed on import).
+[2, D, F] (the transposed [2, F, D] layout of 9B/27B is transposed on import). The sampler's
+decode copy alone holds these three with the embed axis first (`GemmaConfig.weight_layout =
+"matmul"`, `to_matmul_layout`), so that a decode step reads them in place.
 
 Calling conventions (all shapes static):
 
@@ -211,16 +213,24 @@ class Attention(nn.Module):
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     dtype = _dtype(cfg.dtype)
     init = nn.initializers.normal(d ** -0.5)
-    q_w = _param(self, "q_einsum", init, (n, d, h), ("heads", "embed", "head_dim"),
-                 cfg.param_dtype)
-    kv_w = _param(self, "kv_einsum", init, (2, k, d, h), (None, "kv_heads", "embed", "head_dim"),
-                  cfg.param_dtype)
     o_w = _param(self, "attn_vec_einsum", nn.initializers.normal((n * h) ** -0.5), (n, h, d),
                  ("heads", "head_dim", "embed"), cfg.param_dtype)
-
-    q = jnp.einsum("btd,ndh->btnh", x, q_w.astype(dtype))
-    key = jnp.einsum("btd,kdh->btkh", x, kv_w[0].astype(dtype))
-    value = jnp.einsum("btd,kdh->btkh", x, kv_w[1].astype(dtype))
+    if cfg.weight_layout == "matmul":
+      q_w = _param(self, "q_einsum", init, (d, n, h), ("embed", "heads", "head_dim"),
+                   cfg.param_dtype)
+      kv_w = _param(self, "kv_einsum", init, (d, 2, k, h),
+                    ("embed", None, "kv_heads", "head_dim"), cfg.param_dtype)
+      q = jnp.einsum("btd,dnh->btnh", x, q_w.astype(dtype))
+      kv = jnp.einsum("btd,dckh->btckh", x, kv_w.astype(dtype))
+      key, value = kv[:, :, 0], kv[:, :, 1]
+    else:
+      q_w = _param(self, "q_einsum", init, (n, d, h), ("heads", "embed", "head_dim"),
+                   cfg.param_dtype)
+      kv_w = _param(self, "kv_einsum", init, (2, k, d, h),
+                    (None, "kv_heads", "embed", "head_dim"), cfg.param_dtype)
+      q = jnp.einsum("btd,ndh->btnh", x, q_w.astype(dtype))
+      key = jnp.einsum("btd,kdh->btkh", x, kv_w[0].astype(dtype))
+      value = jnp.einsum("btd,kdh->btkh", x, kv_w[1].astype(dtype))
     q = nn.with_logical_constraint(apply_rope(q, positions, cfg.rope_base), ACT_HEADS)
     key = nn.with_logical_constraint(apply_rope(key, positions, cfg.rope_base), ACT_KV)
     value = nn.with_logical_constraint(value, ACT_KV)
@@ -306,13 +316,19 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg = self.config
     dtype = _dtype(cfg.dtype)
-    gating = _param(self, "gating_einsum", nn.initializers.normal(cfg.embed_dim ** -0.5),
-                    (2, cfg.embed_dim, cfg.hidden_dim), (None, "embed", "mlp"), cfg.param_dtype)
+    init = nn.initializers.normal(cfg.embed_dim ** -0.5)
+    if cfg.weight_layout == "matmul":
+      gating = _param(self, "gating_einsum", init, (cfg.embed_dim, 2, cfg.hidden_dim),
+                      ("embed", None, "mlp"), cfg.param_dtype)
+      both = jnp.einsum("btd,dcf->btcf", x, gating.astype(dtype))
+      gate, up = both[:, :, 0], both[:, :, 1]
+    else:
+      gating = _param(self, "gating_einsum", init, (2, cfg.embed_dim, cfg.hidden_dim),
+                      (None, "embed", "mlp"), cfg.param_dtype).astype(dtype)
+      gate = jnp.einsum("btd,df->btf", x, gating[0])
+      up = jnp.einsum("btd,df->btf", x, gating[1])
     linear = _param(self, "linear", nn.initializers.normal(cfg.hidden_dim ** -0.5),
                     (cfg.hidden_dim, cfg.embed_dim), ("mlp", "embed"), cfg.param_dtype)
-    gating = gating.astype(dtype)
-    gate = jnp.einsum("btd,df->btf", x, gating[0])
-    up = jnp.einsum("btd,df->btf", x, gating[1])
     hidden = nn.with_logical_constraint(jax.nn.gelu(gate, approximate=True) * up, ACT_MLP)
     return jnp.einsum("btf,fd->btd", hidden, linear.astype(dtype))
 
@@ -666,3 +682,22 @@ def get_layer_param(params: Mapping, config: GemmaConfig, path: Sequence[str]):
   for k in path:
     leaf = leaf[k]
   return leaf
+
+
+# Checkpoint -> matmul weight layout (`GemmaConfig.weight_layout`): the permutation of each
+# projection weight's trailing axes, by param name.
+_MATMUL_LAYOUT = {"q_einsum": (1, 0, 2),  # [N, D, H] -> [D, N, H]
+                  "kv_einsum": (2, 0, 1, 3),  # [2, K, D, H] -> [D, 2, K, H]
+                  "gating_einsum": (1, 0, 2)}  # [2, D, F] -> [D, 2, F]
+
+
+def to_matmul_layout(params: Mapping) -> Any:
+  """A param tree in the checkpoint weight layout -> the same weights in the matmul one
+  (traceable; unrolled or stacked trees: only the trailing axes move)."""
+  def move(path, x):
+    perm = _MATMUL_LAYOUT.get(getattr(path[-1], "key", None))
+    if perm is None:
+      return x
+    lead = x.ndim - len(perm)
+    return jnp.transpose(x, tuple(range(lead)) + tuple(lead + p for p in perm))
+  return jax.tree_util.tree_map_with_path(move, nn.unbox(params))

@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from eva_jax import parallel
 from eva_jax.models.transformer import (GemmaForSequenceClassification, Transformer,
                                         cache_logical_axes, default_positions, init_cache,
-                                        is_stacked, unstack_layers)
+                                        is_stacked, to_matmul_layout, unstack_layers)
 from eva_jax.sampler import sampling
 
 Array = jax.Array
@@ -142,8 +142,10 @@ class Sampler:
       split over `tensor` as before, so a decode step reads local bfloat16 weights instead of
       all-gathering float32 FSDP shards for every token. It costs params / tensor-size bytes
       per device while sampling. "cast": the compute-dtype copy in the rules' own layout.
-      Both unstack a scanned model's layers (`stack_layers`) for decode: the decode program
-      is the unrolled model's (`decode_model`). "as_given": the params as passed (no copy).
+      Both unstack a scanned model's layers (`stack_layers`) and put the projection weights
+      in the matmul layout (`GemmaConfig.weight_layout`, `to_matmul_layout`): the decode
+      program is that unrolled model's (`decode_model`). "as_given": the params as passed
+      (no copy).
     decode_segments: the decode loop runs as this many loops, one after the other, over
       `max_new_tokens` cut into equal parts (ends rounded up to multiples of 16). The loop of
       part i runs on a cache of the prompt's and the first i + 1 parts' slots, copied into
@@ -181,12 +183,14 @@ class Sampler:
       raise ValueError(f"Sampler: max_prompt_length={max_prompt_length} and max_batch_rows="
                        f"{max_batch_rows} must be positive.")
     self.model = model
-    # A scanned model decodes from an unrolled copy of its params (any decode_params but
-    # "as_given"): a decode step then reads each layer's weights in place, where the scanned
-    # loop slices them out of the stack every step (1.75x slower decode on a CPU).
-    self.decode_model = (Transformer(model.config.replace(scan_layers=False))
-                         if model.config.scan_layers and decode_params != "as_given"
-                         else model)
+    # The decode copy (any decode_params but "as_given") is unrolled and in the matmul
+    # weight layout: a decode step then reads each layer's weights in place, where the
+    # scanned loop slices them out of the stack every step (1.75x slower decode on a CPU) and
+    # the checkpoint layout makes XLA:GPU copy out or transpose the projection weights every
+    # step (`GemmaConfig.weight_layout`).
+    self.decode_model = (
+        Transformer(model.config.replace(scan_layers=False, weight_layout="matmul"))
+        if decode_params != "as_given" else model)
     self.config = self.decode_model.config
     self.mesh = parallel.create_mesh() if mesh is None else mesh
     self.rules = parallel.logical_axis_rules() if rules is None else tuple(rules)
@@ -218,6 +222,7 @@ class Sampler:
     self._zero_cache: dict[tuple, Any] = {}
     self._kept_cache: dict[tuple, Any] = {}
     self._param_axes = None
+    self._decode_shapes = None
     self._prepare_programs: dict[tuple, Any] = {}
 
   def release(self) -> None:
@@ -227,10 +232,22 @@ class Sampler:
   # ---------------------------------------------------------------- decode params
 
   def _to_decode_tree(self, params) -> Any:
-    """A scanned model's stacked params -> the unrolled tree its decode copy is (traceable)."""
-    if self.decode_model is not self.model and is_stacked(params):
-      return unstack_layers(params, self.model.config)
-    return params
+    """The model's params (stacked if it scans) -> the unrolled, matmul-layout tree of the
+    decode copy (traceable); a tree already in that form is returned as it is."""
+    if self.decode_model is self.model:
+      return params
+    if is_stacked(params):
+      params = unstack_layers(params, self.model.config)
+    if self._decode_shapes is None:
+      self._decode_shapes = jax.tree_util.tree_map(
+          lambda x: x.shape, parallel.params_logical_axes(
+              self.decode_model, jnp.ones((1, 8), jnp.int32))[1])
+    try:
+      prepared = jax.tree_util.tree_map(lambda x, shape: x.shape == shape, params,
+                                        self._decode_shapes)
+    except ValueError:
+      return to_matmul_layout(params)  # another tree: decode_layout names the mismatch
+    return params if all(jax.tree_util.tree_leaves(prepared)) else to_matmul_layout(params)
 
   def decode_layout(self, params) -> Any:
     """`jax.ShapeDtypeStruct`s (with shardings) of the params as the decode program reads them
@@ -276,7 +293,8 @@ class Sampler:
     specs = self.decode_layout(params)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if treedef == jax.tree_util.tree_structure(specs) and all(
-        x.dtype == t.dtype and x.sharding.is_equivalent_to(t.sharding, x.ndim)
+        x.shape == t.shape and x.dtype == t.dtype and
+        x.sharding.is_equivalent_to(t.sharding, x.ndim)
         for x, t in zip(leaves, treedef.flatten_up_to(specs))):
       return params
     key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))

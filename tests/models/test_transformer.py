@@ -1,5 +1,6 @@
 """The Gemma model on its own: published sizes, KV-cache path, padding, remat, bad configs."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from eva_jax.models import GemmaConfig, Transformer, get_config, init_cache
 from eva_jax.models import transformer
-from eva_jax.models.transformer import GemmaForSequenceClassification
+from eva_jax.models.transformer import GemmaForSequenceClassification, to_matmul_layout
 
 
 def _params(model, ids):
@@ -61,6 +62,57 @@ def test_prefill_then_decode_with_cache_equals_full_forward(name):
                                          "has 48"):
       model.apply({"params": params}, ids[:, :1], attention_mask=jnp.ones((3, slots), bool),
                   cache=cache, cache_index=jnp.int32(0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_weight_layout_gives_the_same_logits_and_decode_steps(dtype):
+  """The matmul weight layout (the sampler's decode copy) is the checkpoint one with the
+  projection weights' axes moved: same prefill and decode logits and caches, and the model
+  declares exactly the shapes `to_matmul_layout` makes."""
+  cfg = get_config("tiny", dtype=dtype)
+  model, matmul = Transformer(cfg), Transformer(cfg.replace(weight_layout="matmul"))
+  rng = np.random.RandomState(1)
+  ids = jnp.asarray(rng.randint(3, cfg.vocab_size, (2, 20)), jnp.int32)
+  params = nn.unbox(_params(model, ids))
+  moved = to_matmul_layout(params)
+  declared = jax.eval_shape(matmul.init, jax.random.key(0), ids)["params"]
+  assert (jax.tree_util.tree_map(lambda x: x.shape, moved) ==
+          jax.tree_util.tree_map(lambda x: x.shape, nn.unbox(declared)))
+  layer = moved["layer_0"]
+  np.testing.assert_array_equal(layer["attn"]["kv_einsum"][:, 1, 0],
+                                params["layer_0"]["attn"]["kv_einsum"][1, 0])
+  np.testing.assert_array_equal(layer["mlp"]["gating_einsum"][:, 0],
+                                params["layer_0"]["mlp"]["gating_einsum"][0])
+  tol = dict(atol=2e-5, rtol=2e-5) if dtype == "float32" else dict(atol=2e-2, rtol=2e-2)
+  np.testing.assert_allclose(matmul.apply({"params": moved}, ids),
+                             model.apply({"params": params}, ids), **tol)
+  step = lambda m, p, x, c, i: m.apply({"params": p}, x, cache=c, cache_index=i,
+                                       positions=jnp.broadcast_to(i + jnp.arange(x.shape[1]),
+                                                                  x.shape))
+  caches = {}
+  for name, m, p in (("checkpoint", model, params), ("matmul", matmul, moved)):
+    cache = init_cache(cfg, 2, 24)
+    prefill, cache = step(m, p, ids, cache, jnp.int32(0))
+    out, cache = step(m, p, ids[:, :1], cache, jnp.int32(20))
+    caches[name] = (prefill, out, cache)
+  for want, got in zip(jax.tree_util.tree_leaves(caches["checkpoint"]),
+                       jax.tree_util.tree_leaves(caches["matmul"])):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+
+
+def test_to_matmul_layout_moves_only_the_trailing_axes_of_stacked_weights():
+  cfg = get_config("tiny")
+  params = nn.unbox(_params(Transformer(cfg), jnp.ones((1, 4), jnp.int32)))
+  stacked = transformer.stack_layers(params, cfg.replace(scan_layers=True))
+  moved = to_matmul_layout(stacked)
+  blocks = moved["layers"]["block_1"]
+  repeats = cfg.num_layers // 2  # (local, global) pairs
+  assert blocks["attn"]["q_einsum"].shape == (repeats, cfg.embed_dim, cfg.num_heads,
+                                              cfg.head_dim)
+  np.testing.assert_array_equal(blocks["attn"]["q_einsum"][1],
+                                to_matmul_layout(params)["layer_3"]["attn"]["q_einsum"])
+  np.testing.assert_array_equal(blocks["mlp"]["linear"],
+                                stacked["layers"]["block_1"]["mlp"]["linear"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -175,6 +227,8 @@ def test_bad_configs_are_named():
     GemmaConfig(attention_types=("sliding",))
   with pytest.raises(ValueError, match="sliding_window"):
     GemmaConfig(attention_types=("local",), sliding_window=None)
+  with pytest.raises(ValueError, match="weight_layout='transposed'.*'matmul'"):
+    GemmaConfig(sliding_window=8, weight_layout="transposed")
   with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
     GemmaConfig(num_heads=4, num_kv_heads=3, sliding_window=8)
   with pytest.raises(ValueError, match="Unknown model config 'gemma3'.*gemma2_2b"):

@@ -188,8 +188,15 @@ def test_gathered_decode_params_sample_exactly_as_the_train_layout(fsdp_bf16):
   assert gathered.decode_params == "gathered"
   prepared = gathered.prepare_params(params)
   layer = prepared["layer_0"]
+  # The matmul weight layout: embed first, heads still over `tensor`.
   assert layer["attn"]["q_einsum"].dtype == jnp.bfloat16
-  assert layer["attn"]["q_einsum"].sharding.spec == P("tensor", None, None)
+  assert layer["attn"]["q_einsum"].sharding.spec == P(None, "tensor", None)
+  np.testing.assert_array_equal(
+      np.asarray(layer["attn"]["q_einsum"].astype(jnp.float32)),
+      np.transpose(np.asarray(params["layer_0"]["attn"]["q_einsum"].astype(jnp.bfloat16)
+                              .astype(jnp.float32)), (1, 0, 2)))
+  assert layer["attn"]["kv_einsum"].shape == (model.config.embed_dim, 2,
+                                              model.config.num_kv_heads, model.config.head_dim)
   assert layer["mlp"]["gating_einsum"].sharding.spec == P(None, None, "tensor")
   assert params["layer_0"]["mlp"]["gating_einsum"].sharding.spec == P(None, "fsdp", "tensor")
   # Norm scales are read in float32 by the model: kept so, only replicated.
@@ -198,10 +205,10 @@ def test_gathered_decode_params_sample_exactly_as_the_train_layout(fsdp_bf16):
   # Prepared params come back as they are (no second copy per call).
   again = jax.tree_util.tree_leaves(gathered.prepare_params(prepared))
   assert all(a is b for a, b in zip(again, jax.tree_util.tree_leaves(prepared)))
+  # "cast": the rules' own splits (fsdp on embed), in the matmul layout's axis order.
   cast = Sampler(model, mesh, decode_params="cast").prepare_params(params)
-  assert _leaf_layouts(cast["layer_1"]["mlp"]) == [
-      (jnp.bfloat16, x.sharding.spec)
-      for x in jax.tree_util.tree_leaves(params["layer_1"]["mlp"])]
+  assert _leaf_layouts(cast["layer_1"]["mlp"]) == [(jnp.bfloat16, P("fsdp", None, "tensor")),
+                                                   (jnp.bfloat16, P("tensor", "fsdp"))]
 
   prompts = mp_targets.prompts_for((3, 7, 12, 1), seed=6)
   for kw in (dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=2)):
