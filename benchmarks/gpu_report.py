@@ -82,6 +82,7 @@ def summarize(results: dict) -> dict:
     elif stem.startswith("sampler_") and "new_tokens_per_s" in r:
       sampler[stem[len("sampler_"):]] = dict(
           new_tokens_per_s=r["new_tokens_per_s"], roofline_fraction=r.get("roofline_fraction"),
+          hlo_roofline_fraction_bound=r.get("hlo_roofline_fraction_bound"),
           compile_s=r.get("compile_s"), first_call_s=r.get("first_call_s"),
           xla_flags=r.get("xla_flags", ""),
           vs_tunix=_ratio(r["new_tokens_per_s"], (tunix_sampler or {}).get("new_tokens_per_s")))
@@ -142,15 +143,16 @@ def markdown(summary: dict) -> str:
   lines.append(f"| Tunix | {_f(tt.get('tokens_per_s'), '{:.0f}')} | 1.00 | "
                f"{_f(tt.get('peak_gib'), '{:.1f}')} | - | - | - |" if tt else
                "| Tunix | not measured | | | | | |")
-  lines += ["", "| sampler | new tokens/s | x Tunix | roofline fraction | compile s | "
-            "first call s | XLA_FLAGS |", "|---|---|---|---|---|---|---|"]
+  lines += ["", "| sampler | new tokens/s | x Tunix | roofline fraction | at most (HLO bytes) "
+            "| compile s | first call s | XLA_FLAGS |", "|---|---|---|---|---|---|---|---|"]
   for name, r in sorted(summary["sampler"].items()):
     lines.append(f"| {name} | {_f(r['new_tokens_per_s'], '{:.0f}')} | {_f(r['vs_tunix'])} | "
-                 f"{_f(r['roofline_fraction'])} | {_f(r['compile_s'], '{:.1f}')} | "
+                 f"{_f(r['roofline_fraction'])} | {_f(r.get('hlo_roofline_fraction_bound'))} | "
+                 f"{_f(r['compile_s'], '{:.1f}')} | "
                  f"{_f(r['first_call_s'], '{:.1f}')} | {r['xla_flags'].strip() or '-'} |")
-  lines.append(f"| Tunix | {_f(ts.get('new_tokens_per_s'), '{:.0f}')} | 1.00 | - | - | "
+  lines.append(f"| Tunix | {_f(ts.get('new_tokens_per_s'), '{:.0f}')} | 1.00 | - | - | - | "
                f"{_f(ts.get('first_call_s'), '{:.1f}')} | - |" if ts else
-               "| Tunix | not measured | | | | | |")
+               "| Tunix | not measured | | | | | | |")
   attention = summary["attention"]
   if attention:
     flash, xla = attention.get("flash", {}), attention.get("xla", {})

@@ -24,6 +24,14 @@ to each step's slot. `weight_bytes` are
 those of the sampler's decode copy (`--decode_params`; bfloat16 weights by default whatever
 `--param_dtype` the caller holds).
 
+Both modes also read the compiled program's HLO (`eva_jax.hlo_traffic`) for the HBM bytes one
+decode step moves (`hlo_decode_step_gb`, and its largest parts by op name), and report the
+roofline fraction that allows at most (`hlo_roofline_fraction_bound`: the roofline's weight and
+valid-cache bytes over the step's): a static figure, no device needed, so the compile-only
+mode shows a copy or a relayout in the decode loop before a GPU or TPU session does. Kernels
+are charged their whole operands (`hlo_decode_step_custom_call_gb` says how much of the step
+that is), so the decode kernel's partial reads of the cache count as whole ones.
+
 Token selection alone (`--top_p_bench`, or `--top_p_bench_only` to skip the model): compiles
 and times one decode step's `sample_tokens` (temperature, top-p, Gumbel-max) on float32
 [batch * num_samples, vocab] logits of a random-weight-like spread (near-flat: the nucleus is
@@ -36,8 +44,9 @@ the compiled program holds a sort op, under the key `top_p_bench`.
 
 Compile only (`--aot_compile_only`): compiles the sampler's whole program (prefill + decode
 loop, top-p on, no top-k) from abstract shapes, with no weights or KV cache allocated, for each
-of `--top_p_bench_methods`; reports compile_s and the sort and while ops in the compiled
-program (e.g. the gemma2_2b program on a CPU-only machine):
+of `--top_p_bench_methods`; reports compile_s, the sort and while ops in the compiled
+program and its decode step's bytes (e.g. the gemma2_2b program on a CPU-only machine, or
+with `--aot_topology h200-1` / `v5p-8` for a GPU or a TPU chip):
 
     python benchmarks/sampler.py --config gemma2_2b --batch 256 --prompt_len 256 \
         --max_new_tokens 256 --aot_compile_only --top_p_bench_methods threshold,sort
@@ -66,7 +75,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks.json_report import emit  # noqa: E402
-from eva_jax import aot, parallel  # noqa: E402
+from eva_jax import aot, hlo_traffic, parallel  # noqa: E402
 from eva_jax.models import Transformer, get_config, init_cache  # noqa: E402
 from eva_jax.models.config import LOCAL  # noqa: E402
 from eva_jax.models.flash_attention import decode_block  # noqa: E402
@@ -122,6 +131,22 @@ def cache_relayouts(sampler, rows: int, length: int, cfg) -> int:
   """Cache relayouts inside the decode loop of the compiled programs (0 is the goal)."""
   shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
   return sum(count_loop_relayouts(p.as_text(), shape) for p in sampler._programs.values())
+
+
+def decode_step_traffic(hlo_texts, ideal_bytes: float) -> dict:
+  """HBM bytes one decode step of the compiled program moves, read from its HLO
+  (`eva_jax.hlo_traffic`: the loop moving the most bytes an iteration, the decode loop), its
+  largest parts, and the roofline fraction those bytes allow at most: the roofline's bytes
+  (weights + the valid cache) over them. Kernels (custom calls) count their whole operands."""
+  loops = [loop for text in hlo_texts for loop in hlo_traffic.loop_traffic(text, top=8)]
+  if not loops:
+    return {}
+  loop = max(loops, key=lambda l: l.bytes_per_iteration)
+  return dict(hlo_decode_step_gb=loop.bytes_per_iteration / 1e9,
+              hlo_decode_step_custom_call_gb=loop.custom_call_bytes / 1e9,
+              hlo_decode_step_top_gb=[[name, float(f"{b / 1e9:.4g}")]
+                                      for name, b in loop.by_op_name],
+              hlo_roofline_fraction_bound=ideal_bytes / loop.bytes_per_iteration)
 
 
 _SORT_OP = re.compile(r"\ssort\(")
@@ -196,10 +221,18 @@ def aot_compile(model, mesh, args, methods) -> list:
     compiled = sampler._compile(call_args, statics, rows, length)
     compile_s = time.perf_counter() - start
     hlo = compiled.as_text()
+    weight_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+                       for x in jax.tree_util.tree_leaves(call_args[0]))
+    roof = roofline(cfg, weight_bytes, rows, p_len, args.max_new_tokens,
+                    jnp.dtype(sampler.cache_dtype).itemsize, 1.0,
+                    sampler.segment_ends(args.max_new_tokens))
+    ideal = roof["weight_bytes"] + roof["kv_bytes_per_step_mean"]
     out.append(dict(method=method, compile_s=compile_s,
                     compiled_memory_gib=aot.memory_total_gib(compiled),
                     sort_ops=len(_SORT_OP.findall(hlo)),
-                    while_ops=len(re.findall(r"\swhile\(", hlo))))
+                    while_ops=len(re.findall(r"\swhile\(", hlo)),
+                    roofline_bytes_per_step_gb=ideal / 1e9,
+                    **decode_step_traffic([hlo], ideal)))
     print(json.dumps(out[-1]), file=sys.stderr, flush=True)
   return out
 
@@ -409,6 +442,8 @@ def main(argv=None):
       peak_bytes_in_use=stats.get("peak_bytes_in_use"),
       num_compilations=sampler.num_compilations,
       cache_relayouts=cache_relayouts(sampler, rows, args.prompt_len + args.max_new_tokens, cfg),
+      **decode_step_traffic([p.as_text() for p in sampler._programs.values()],
+                            roof["weight_bytes"] + roof["kv_bytes_per_step_mean"]),
       tunix_anchor=TUNIX_ANCHOR, **bench,
       vs_tunix_anchor=(tokens_per_s / TUNIX_ANCHOR["new_tokens_per_s"]
                        if (args.config, args.batch, args.prompt_len, args.max_new_tokens,

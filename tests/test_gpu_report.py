@@ -14,12 +14,12 @@ def _train(tokens_per_s, peak, compile_s=20.0, xla_flags=""):
               xla_flags=xla_flags)
 
 
-def _sampler(new_tokens_per_s, roofline_fraction, compile_s=10.0, first_call_s=20.0):
+def _sampler(new_tokens_per_s, roofline_fraction, compile_s=10.0, first_call_s=20.0, **more):
   return dict(new_tokens_per_s=new_tokens_per_s, roofline_fraction=roofline_fraction,
-              compile_s=compile_s, first_call_s=first_call_s, xla_flags="")
+              compile_s=compile_s, first_call_s=first_call_s, xla_flags="", **more)
 
 
-def test_two_parts_read_as_one_against_the_targets(tmp_path, benchmark_script):
+def test_two_parts_read_as_one_against_the_targets(tmp_path, capsys, benchmark_script):
   part1, part2 = tmp_path / "part1", tmp_path / "part2"
   _write(part1, "peer_tunix_dpo_gemma2_2b", dict(tokens_per_s=28_700, peak_gib=53.7,
                                                  device="NVIDIA H200", model="gemma2_2b"))
@@ -30,7 +30,8 @@ def test_two_parts_read_as_one_against_the_targets(tmp_path, benchmark_script):
   # (1.22x at 50 GiB), and one is enough.
   _write(part1, "train_mixed_precision_flash", _train(35_875, 60.0))
   _write(part2, "train_mixed_precision", _train(35_000, 50.0))
-  _write(part1, "sampler_default", _sampler(29_000, 0.55, compile_s=12.0, first_call_s=30.0))
+  _write(part1, "sampler_default", _sampler(29_000, 0.55, compile_s=12.0, first_call_s=30.0,
+                                            hlo_roofline_fraction_bound=0.571))
   _write(part2, "sampler_flash_decode", _sampler(33_000, 0.6))
   (part2 / "sampler_sort.json").write_text('{"new_tokens_per_s": 1')  # killed mid-write
 
@@ -49,6 +50,10 @@ def test_two_parts_read_as_one_against_the_targets(tmp_path, benchmark_script):
   assert targets["sampler: the default >= 50% of its roofline"]["verdict"] == "met"
   assert targets["sampler: the first call faster than Tunix's"]["verdict"] == "met"
   assert json.loads((part1 / "gpu_report.json").read_text())["targets"] == targets
+  # The step's static bound beside what it reached (older runs have none: "-").
+  printed = capsys.readouterr().out
+  assert "| default | 29000 | 2.07 | 0.55 | 0.57 | 12.0 | 30.0 | - |" in printed
+  assert "| flash_decode | 33000 | 2.36 | 0.60 | - |" in printed
 
 
 def test_over_the_peak_is_not_met(tmp_path, benchmark_script):

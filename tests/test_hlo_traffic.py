@@ -165,3 +165,17 @@ def test_the_tpu_decode_step_writes_no_float32_copy_of_the_cache():
 def test_loops_without_a_body_or_an_entry_are_reported():
   with pytest.raises(ValueError, match="no ENTRY"):
     hlo_traffic.loop_traffic("HloModule m\n")
+
+
+def test_the_sampler_benchmark_reports_a_decode_steps_bytes(benchmark_script):
+  """Compile-only, on the CPU: the decode step's bytes, their largest parts, and the roofline
+  fraction they allow (the roofline's own bytes are some of them, so at most 1)."""
+  result = benchmark_script("sampler").main([
+      "--config", "tiny", "--batch", "8", "--prompt_len", "16", "--max_new_tokens", "16",
+      "--aot_compile_only", "--top_p_bench_methods", "threshold"])
+  (compiled,) = result["compiled"]
+  assert compiled["hlo_decode_step_gb"] > compiled["roofline_bytes_per_step_gb"] > 0
+  assert 0 < compiled["hlo_roofline_fraction_bound"] < 1
+  parts = [gb for _, gb in compiled["hlo_decode_step_top_gb"]]
+  assert parts and parts == sorted(parts, reverse=True)
+  assert sum(parts) <= compiled["hlo_decode_step_gb"] * 1.001
