@@ -70,6 +70,8 @@ class GemmaConfig:
       XLA:GPU copies out the gate and up halves and transposes q and kv weights on every
       call, about 5 GB a decode step at gemma2_2b's size (`eva_jax.hlo_traffic`), which the
       sampler's decode loop, reading every weight per token, pays on every step. Same math.
+      The sampler's decode copy takes it everywhere but on TPUs, which read the checkpoint
+      layout in place.
   """
 
   vocab_size: int = 256

@@ -142,10 +142,10 @@ class Sampler:
       split over `tensor` as before, so a decode step reads local bfloat16 weights instead of
       all-gathering float32 FSDP shards for every token. It costs params / tensor-size bytes
       per device while sampling. "cast": the compute-dtype copy in the rules' own layout.
-      Both unstack a scanned model's layers (`stack_layers`) and put the projection weights
-      in the matmul layout (`GemmaConfig.weight_layout`, `to_matmul_layout`): the decode
-      program is that unrolled model's (`decode_model`). "as_given": the params as passed
-      (no copy).
+      Both unstack a scanned model's layers (`stack_layers`) and, but on TPUs, put the
+      projection weights in the matmul layout (`GemmaConfig.weight_layout`,
+      `to_matmul_layout`): the decode program is that unrolled model's (`decode_model`).
+      "as_given": the params as passed (no copy).
     decode_segments: the decode loop runs as this many loops, one after the other, over
       `max_new_tokens` cut into equal parts (ends rounded up to multiples of 16). The loop of
       part i runs on a cache of the prompt's and the first i + 1 parts' slots, copied into
@@ -183,16 +183,20 @@ class Sampler:
       raise ValueError(f"Sampler: max_prompt_length={max_prompt_length} and max_batch_rows="
                        f"{max_batch_rows} must be positive.")
     self.model = model
-    # The decode copy (any decode_params but "as_given") is unrolled and in the matmul
-    # weight layout: a decode step then reads each layer's weights in place, where the
-    # scanned loop slices them out of the stack every step (1.75x slower decode on a CPU) and
-    # the checkpoint layout makes XLA:GPU copy out or transpose the projection weights every
-    # step (`GemmaConfig.weight_layout`).
+    self.mesh = parallel.create_mesh() if mesh is None else mesh
+    # The decode copy (any decode_params but "as_given") is unrolled, so a decode step reads
+    # each layer's weights in place, where the scanned loop slices them out of the stack
+    # every step (1.75x slower decode on a CPU); and, but on TPUs, in the matmul weight
+    # layout (`GemmaConfig.weight_layout`): the checkpoint one makes XLA:GPU copy out or
+    # transpose the projection weights every step, while XLA:TPU reads it in place and
+    # would relayout the matmul one's [D, 2, F] gate (a dimension of 2 in its tiles) once a
+    # call, 2.2 GiB more at gemma2_2b's size.
+    on_tpu = self.mesh.devices.flat[0].platform == "tpu"
     self.decode_model = (
-        Transformer(model.config.replace(scan_layers=False, weight_layout="matmul"))
+        Transformer(model.config.replace(
+            scan_layers=False, weight_layout="checkpoint" if on_tpu else "matmul"))
         if decode_params != "as_given" else model)
     self.config = self.decode_model.config
-    self.mesh = parallel.create_mesh() if mesh is None else mesh
     self.rules = parallel.logical_axis_rules() if rules is None else tuple(rules)
     self.max_prompt_length = int(max_prompt_length)
     self.truncation = truncation
@@ -238,6 +242,8 @@ class Sampler:
       return params
     if is_stacked(params):
       params = unstack_layers(params, self.model.config)
+    if self.config.weight_layout == self.model.config.weight_layout:
+      return params
     if self._decode_shapes is None:
       self._decode_shapes = jax.tree_util.tree_map(
           lambda x: x.shape, parallel.params_logical_axes(

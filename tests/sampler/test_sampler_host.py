@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from eva_jax import aot, parallel
 from eva_jax.models import GemmaForSequenceClassification, get_config
 from eva_jax.sampler import Sampler, pick_bucket, power_of_two_buckets
 
@@ -221,6 +222,17 @@ def test_gathered_decode_params_sample_exactly_as_the_train_layout(fsdp_bf16):
         np.testing.assert_array_equal(sa.logprobs, sb.logprobs)
         np.testing.assert_array_equal(sa.logprobs, sc.logprobs)
   assert len({t for per in want for s in per for t in s.tokens}) > 8
+
+
+def test_the_decode_copy_keeps_the_checkpoint_weight_layout_on_tpus(tiny):
+  """On TPUs (here a v5e chip described by libtpu, nothing compiled) the decode copy keeps
+  Gemma's weight layout, which XLA:TPU reads in place; elsewhere it is the matmul one."""
+  model, mesh, _ = tiny
+  tpu = parallel.create_mesh({"data": -1}, devices=aot.topology_devices(
+      aot.parse_topology("v5e-1")))
+  assert Sampler(model, tpu).config.weight_layout == "checkpoint"
+  assert Sampler(model, mesh).config.weight_layout == "matmul"
+  assert Sampler(model, mesh, decode_params="as_given").decode_model is model
 
 
 def test_gathered_decode_program_gathers_no_weights():
