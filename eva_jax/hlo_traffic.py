@@ -174,7 +174,7 @@ def parse_module(hlo_text: str) -> tuple[dict[str, list[Instr]], str]:
 
 @dataclasses.dataclass
 class LoopTraffic:
-  """One while loop of the entry computation: bytes moved per iteration."""
+  """One top-level while loop of a program: bytes moved per iteration."""
   name: str
   trip_count: Optional[int]
   carried_shapes: str
@@ -345,8 +345,8 @@ def _kind(instr: Instr) -> str:
 
 
 def loop_traffic(hlo_text: str, top: int = 12) -> list[LoopTraffic]:
-  """Bytes per iteration of each while loop in the entry computation (nested loops inside
-  counted with their known trip counts), largest first."""
+  """Bytes per iteration of each while loop the program runs at its top level (loops nested
+  in a body count inside it, times their trip counts), largest first."""
   comps, entry = parse_module(hlo_text)
   walker = _Walker(comps)
   memo: dict[str, float] = {}
@@ -378,14 +378,21 @@ def loop_traffic(hlo_text: str, top: int = 12) -> list[LoopTraffic]:
       if instr.opcode == "custom-call":
         custom[0] += b
 
+  def outer_loops(comp: str):
+    """The while loops the program runs at its top level: in the entry computation or in
+    computations it calls (XLA:CPU wraps a loop in a call), not those inside loop bodies."""
+    for instr in comps.get(comp, []):
+      if instr.opcode == "while":
+        yield comp, instr
+      elif instr.opcode in ("call", "async-start"):
+        yield from outer_loops(instr.attr("to_apply") or instr.attr("calls"))
+
   loops = []
-  for instr in comps[entry]:
-    if instr.opcode != "while":
-      continue
+  for comp, instr in outer_loops(entry):
     by_op, by_kind, custom = collections.Counter(), collections.Counter(), [0.0]
     attribute(instr.attr("body"), 1.0, by_op, by_kind, custom)
     loops.append(LoopTraffic(
-        name=instr.name, trip_count=walker.trip_count(entry, instr), carried_shapes=instr.shape,
+        name=instr.name, trip_count=walker.trip_count(comp, instr), carried_shapes=instr.shape,
         bytes_per_iteration=visit(instr.attr("body")),
         by_op_name=by_op.most_common(top), by_kind=dict(by_kind.most_common()),
         custom_call_bytes=custom[0]))

@@ -36,9 +36,10 @@ def test_a_loop_charges_its_elementwise_work_and_in_place_updates_their_rows():
       jnp.zeros((1024, 1024)), jnp.zeros((64, 1024))).compile()
   loop = _only_loop(compiled.as_text())
   assert loop.trip_count == 5
-  by_name = dict(loop.by_op_name)
-  assert by_name["closed_call/add"] == 8 * MIB
-  assert 8 * 1024 <= by_name["closed_call/dynamic_update_slice"] <= 16 * 1024
+  # Op names end with the jax op's (their prefix differs across jax versions).
+  part = lambda op: sum(b for name, b in loop.by_op_name if name.endswith("/" + op))
+  assert part("add") == 8 * MIB
+  assert 8 * 1024 <= part("dynamic_update_slice") <= 16 * 1024
   # XLA:CPU also copies x once an iteration (its copy insertion): 8 MiB more, not hidden.
   assert 16 * MIB <= loop.bytes_per_iteration <= 17 * MIB
 
