@@ -46,6 +46,7 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "async-done", "all-reduce-done", "all-gather-done", "collective-permute-done",
          "send-done", "recv-done"}
 _SLICES = {"dynamic-slice", "slice", "gather"}
+_CALLS = {"call", "async-start"}
 _LAYER = re.compile(r"(layer|block)_\d+")
 
 
@@ -191,6 +192,7 @@ class _Walker:
   def __init__(self, comps: dict[str, list[Instr]]):
     self.comps = comps
     self._user_cache: dict[str, dict] = {}
+    self._comp_bytes: dict[str, float] = {}
     self.shapes = {c: {i.name: i.shape for i in instrs} for c, instrs in comps.items()}
 
   def _users(self, comp: str) -> dict[str, list[tuple[Instr, int]]]:
@@ -308,7 +310,15 @@ class _Walker:
       return None
     return max(last - first, 0)
 
-  def instr_bytes(self, comp: str, instr: Instr, visit) -> float:
+  def computation_bytes(self, comp: Optional[str]) -> float:
+    """Bytes one run of computation `comp` moves (memoized)."""
+    if comp is None or comp not in self.comps:
+      return 0.0
+    if comp not in self._comp_bytes:
+      self._comp_bytes[comp] = sum(self.instr_bytes(comp, i) for i in self.comps[comp])
+    return self._comp_bytes[comp]
+
+  def instr_bytes(self, comp: str, instr: Instr) -> float:
     shapes = self.shapes[comp]
     op = instr.opcode
     if op in _FREE:
@@ -316,14 +326,14 @@ class _Walker:
     if op == "while":
       body, cond = instr.attr("body"), instr.attr("condition")
       trips = self.trip_count(comp, instr) or 1
-      return trips * visit(body) + (trips + 1) * visit(cond)
+      return trips * self.computation_bytes(body) + (trips + 1) * self.computation_bytes(cond)
     if op == "conditional":
       branches = re.search(r"branch_computations=\{([^}]*)\}", instr.attrs)
       names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches
                else [instr.attr("true_computation"), instr.attr("false_computation")])
-      return max((visit(b) for b in names if b), default=0.0)
-    if op in ("call", "async-start"):
-      return visit(instr.attr("to_apply") or instr.attr("calls"))
+      return max((self.computation_bytes(b) for b in names if b), default=0.0)
+    if op in _CALLS:
+      return self.computation_bytes(_called(instr))
     if op == "fusion":
       return self.fusion_bytes(comp, instr)
     if op == "dynamic-update-slice":
@@ -332,6 +342,11 @@ class _Walker:
       return 2 * shape_bytes(instr.shape)
     return sum(shape_bytes(shapes.get(o, "")) for o in instr.operands) + shape_bytes(
         instr.shape)
+
+
+def _called(instr: Instr) -> Optional[str]:
+  """The computation a call or async-start runs."""
+  return instr.attr("to_apply") or instr.attr("calls")
 
 
 def _kind(instr: Instr) -> str:
@@ -349,14 +364,6 @@ def loop_traffic(hlo_text: str, top: int = 12) -> list[LoopTraffic]:
   in a body count inside it, times their trip counts), largest first."""
   comps, entry = parse_module(hlo_text)
   walker = _Walker(comps)
-  memo: dict[str, float] = {}
-
-  def visit(comp: Optional[str]) -> float:
-    if comp is None or comp not in comps:
-      return 0.0
-    if comp not in memo:
-      memo[comp] = sum(walker.instr_bytes(comp, i, visit) for i in comps[comp])
-    return memo[comp]
 
   def attribute(comp: str, scale: float, by_op, by_kind, custom):
     for instr in comps.get(comp, []):
@@ -364,11 +371,10 @@ def loop_traffic(hlo_text: str, top: int = 12) -> list[LoopTraffic]:
         trips = walker.trip_count(comp, instr) or 1
         attribute(instr.attr("body"), scale * trips, by_op, by_kind, custom)
         continue
-      if instr.opcode in ("call", "async-start"):
-        attribute(instr.attr("to_apply") or instr.attr("calls"), scale, by_op, by_kind,
-                  custom)
+      if instr.opcode in _CALLS:
+        attribute(_called(instr), scale, by_op, by_kind, custom)
         continue
-      b = walker.instr_bytes(comp, instr, visit) * scale
+      b = walker.instr_bytes(comp, instr) * scale
       if not b:
         continue
       name = (_LAYER.sub(r"\1_N", instr.op_name.split("/while/body/")[-1])
@@ -384,8 +390,8 @@ def loop_traffic(hlo_text: str, top: int = 12) -> list[LoopTraffic]:
     for instr in comps.get(comp, []):
       if instr.opcode == "while":
         yield comp, instr
-      elif instr.opcode in ("call", "async-start"):
-        yield from outer_loops(instr.attr("to_apply") or instr.attr("calls"))
+      elif instr.opcode in _CALLS:
+        yield from outer_loops(_called(instr))
 
   loops = []
   for comp, instr in outer_loops(entry):
@@ -393,7 +399,7 @@ def loop_traffic(hlo_text: str, top: int = 12) -> list[LoopTraffic]:
     attribute(instr.attr("body"), 1.0, by_op, by_kind, custom)
     loops.append(LoopTraffic(
         name=instr.name, trip_count=walker.trip_count(comp, instr), carried_shapes=instr.shape,
-        bytes_per_iteration=visit(instr.attr("body")),
+        bytes_per_iteration=walker.computation_bytes(instr.attr("body")),
         by_op_name=by_op.most_common(top), by_kind=dict(by_kind.most_common()),
         custom_call_bytes=custom[0]))
   return sorted(loops, key=lambda l: -l.bytes_per_iteration)

@@ -225,8 +225,7 @@ class Sampler:
     self._programs: dict[tuple, Any] = {}
     self._zero_cache: dict[tuple, Any] = {}
     self._kept_cache: dict[tuple, Any] = {}
-    self._param_axes = None
-    self._decode_shapes = None
+    self._decode_abstract = None
     self._prepare_programs: dict[tuple, Any] = {}
 
   def release(self) -> None:
@@ -234,6 +233,13 @@ class Sampler:
     self._kept_cache.clear()
 
   # ---------------------------------------------------------------- decode params
+
+  def _decode_params_abstract(self) -> tuple[Any, Any]:
+    """(logical axes, abstract params) of the decode model's param tree, built once."""
+    if self._decode_abstract is None:
+      self._decode_abstract = parallel.params_logical_axes(self.decode_model,
+                                                           jnp.ones((1, 8), jnp.int32))
+    return self._decode_abstract
 
   def _to_decode_tree(self, params) -> Any:
     """The model's params (stacked if it scans) -> the unrolled tree of the decode copy, in
@@ -244,13 +250,9 @@ class Sampler:
       params = unstack_layers(params, self.model.config)
     if self.config.weight_layout == self.model.config.weight_layout:
       return params
-    if self._decode_shapes is None:
-      self._decode_shapes = jax.tree_util.tree_map(
-          lambda x: x.shape, parallel.params_logical_axes(
-              self.decode_model, jnp.ones((1, 8), jnp.int32))[1])
     try:
-      prepared = jax.tree_util.tree_map(lambda x, shape: x.shape == shape, params,
-                                        self._decode_shapes)
+      prepared = jax.tree_util.tree_map(lambda x, want: x.shape == want.shape, params,
+                                        self._decode_params_abstract()[1])
     except ValueError:
       return to_matmul_layout(params)  # another tree: decode_layout names the mismatch
     return params if all(jax.tree_util.tree_leaves(prepared)) else to_matmul_layout(params)
@@ -264,10 +266,8 @@ class Sampler:
               x, "sharding", None) or NamedSharding(self.mesh, P())), params)
     tree = jax.eval_shape(self._to_decode_tree, params)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    if self._param_axes is None:
-      self._param_axes, _ = parallel.params_logical_axes(self.decode_model,
-                                                         jnp.ones((1, 8), jnp.int32))
-    named = jax.tree_util.tree_flatten_with_path(self._param_axes,
+    param_axes, _ = self._decode_params_abstract()
+    named = jax.tree_util.tree_flatten_with_path(param_axes,
                                                  is_leaf=lambda x: isinstance(x, tuple))[0]
     keys = lambda pairs: [jax.tree_util.keystr(path) for path, _ in pairs]
     if keys(named) != keys(leaves):
