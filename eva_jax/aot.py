@@ -443,7 +443,11 @@ class FitCheck:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     steps = cfg.epochs * math.ceil(self.pairs_per_round() / cfg.batch_size)
-    flops = model_flops(self.policy.config, 2 * cfg.batch_size, cfg.max_length, backward=True)
+    sequences, length = 2 * cfg.batch_size, cfg.max_length
+    if step.share_prompt:  # one packed row per pair, the prompt once
+      sequences = cfg.batch_size
+      length = batch_lib.shared_prompt_length(cfg.max_length, self.scored_length())
+    flops = model_flops(self.policy.config, sequences, length, backward=True)
     return self._report(
         "train_step", compiled, time.perf_counter() - start, self.train_state_gib, steps,
         KNOBS["train_step"], flops)
@@ -453,6 +457,7 @@ class FitCheck:
     import jax
     import jax.numpy as jnp
     from eva_jax import parallel, solver
+    from eva_jax.solver import batch as batch_lib
     if not self.loss_fn.needs_reference:
       return None
     batch_size = int(gin_value("reference_logps.batch_size", 64))
@@ -469,7 +474,11 @@ class FitCheck:
     with parallel.with_mesh_rules(self.mesh, self.rules):
       compiled = fn.lower(params, tokens, tokens).compile()
     calls = math.ceil(self.pairs_per_round() / batch_size)
-    flops = model_flops(self.policy.config, 2 * batch_size, self.cfg.max_length)
+    sequences, length = 2 * batch_size, self.cfg.max_length
+    if fn.share_prompt:  # one packed row per pair, the prompt once
+      sequences = batch_size
+      length = batch_lib.shared_prompt_length(self.cfg.max_length, self.scored_length())
+    flops = model_flops(self.policy.config, sequences, length)
     return self._report("reference_logps", compiled, time.perf_counter() - start,
                         self.params_gib, calls, KNOBS["reference_logps"], flops)
 

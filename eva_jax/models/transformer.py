@@ -13,7 +13,9 @@ Calling conventions (all shapes static):
 * Full sequence: `apply(params, input_ids[B, T], positions=None, attention_mask=None)`.
   Positions default to the count of non-pad tokens before each token (so left padding is
   transparent, as in the official Gemma library) and keys that are padding are masked.
-  `attention_mask` may be [B, T] (which keys are real) or [B, T, T] (the full mask).
+  `attention_mask` may be [B, T] (which keys are real) or [B, T, T] (the full mask; local
+  layers then also require `positions[q] - positions[k] < sliding_window`, so a row that
+  packs several sequences, whose slots are not its positions, is windowed by position).
 * KV cache: pass `cache` (from `init_cache`) and `cache_index`, the slot where the first of
   the T new tokens is written. Query t sits at slot `cache_index + t` and sees slots
   `<= cache_index + t` that `attention_mask` [B, S] marks valid; local layers also require
@@ -21,6 +23,7 @@ Calling conventions (all shapes static):
 
 Sliding windows are measured in slots (sequence indices), like HF; with padding only on the
 left, slot distances equal position distances, so this agrees with the official library too.
+A full [B, T, T] mask is windowed in positions (above), which for such rows is the same.
 
 Scanned layers (`config.scan_layers`). The attention pattern's repeating unit (`scan_unit`:
 one global block for Gemma 1, a (local, global) pair for Gemma 2) becomes one `nn.scan` step,
@@ -480,8 +483,10 @@ class Transformer(nn.Module):
       elif key_valid is None:
         global_mask = local_mask = attention_mask.astype(bool)
         if cfg.sliding_window:
-          slots = jnp.arange(t)
-          local_mask = global_mask & ((slots[:, None] - slots[None, :]) < cfg.sliding_window)
+          # In positions: a packed row (the solver's shared prompt) has slots that are not
+          # its positions; for an ordinary row the two differ by padding alone.
+          pos = jnp.asarray(positions)
+          local_mask = global_mask & ((pos[:, :, None] - pos[:, None, :]) < cfg.sliding_window)
       else:
         global_mask, local_mask = attention_masks(jnp.arange(t), key_valid, cfg.sliding_window)
     else:

@@ -94,16 +94,41 @@ def make_pair_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[
   return {k: np.stack(v) if v else np.zeros((0, max_length), np.int32) for k, v in rows.items()}
 
 
+def shared_prompt_length(length: int, scored_length: Optional[int]) -> int:
+  """Columns of a pair's packed row when its prompt is computed once (`pair_logps`'s
+  `share_prompt`): the chosen row (T), then the rejected response, at most `scored_length`
+  tokens (and at most T - 1, a prompt being at least one token)."""
+  return length + min(length - 1, length if scored_length is None else scored_length)
+
+
+def packed_pair_lengths(batch: Mapping[str, np.ndarray], pad_id: int) -> np.ndarray:
+  """int [B]: the tokens each pair needs packed with its prompt once: the chosen row's
+  tokens up to its last real one, then the rejected row's after the prefix the two rows
+  share (equal tokens, neither scored, not padding). numpy mirror of the device packing in
+  `eva_jax.solver.logprobs`."""
+  chosen, rejected = (np.asarray(batch[f"{k}_tokens"]) for k in ("chosen", "rejected"))
+  same = ((chosen == rejected) & (chosen != pad_id)
+          & (np.asarray(batch["chosen_loss_mask"]) == 0)
+          & (np.asarray(batch["rejected_loss_mask"]) == 0))
+  shared = np.cumprod(same, axis=1).sum(axis=1)
+  ends = [np.where((x != pad_id).any(axis=1), x.shape[1] - np.argmax((x != pad_id)[:, ::-1],
+                                                                      axis=1), 0)
+          for x in (chosen, rejected)]
+  return ends[0] + ends[1] - shared
+
+
 def validate_pair_batch(batch: Mapping[str, np.ndarray], *, pad_id: int = 0,
                         max_length: Optional[int] = None,
                         needs_reference: bool = False,
-                        scored_length: Optional[int] = None) -> None:
+                        scored_length: Optional[int] = None,
+                        share_prompt: bool = False) -> None:
   """Raises ValueError, naming the key and row, if `batch` breaks the format above.
 
   Checks shapes ([B, T] tokens and masks, [B] reference log-probs), T <= max_length, 0/1
   masks, nothing scored at position 0 or on padding, at least one scored token per response
   and, with `scored_length` (the train step's and reference's bound on scored positions per
-  row), at most that many. Host-side (numpy); the jitted step only checks shapes.
+  row), at most that many; with `share_prompt`, that each pair fits its packed row
+  (`shared_prompt_length`). Host-side (numpy); the jitted step only checks shapes.
   """
   missing = [k for k in TOKEN_KEYS + (REF_KEYS if needs_reference else ()) if k not in batch]
   if missing:
@@ -148,6 +173,17 @@ def validate_pair_batch(batch: Mapping[str, np.ndarray], *, pad_id: int = 0,
                        f"tokens, more than scored_length={scored_length} (the positions the "
                        "step unembeds per row); raise make_train_step.scored_length / "
                        "reference_logps.scored_length, or truncate the responses.")
+  if share_prompt and shape[0]:
+    room = shared_prompt_length(shape[1], scored_length)
+    need = packed_pair_lengths(batch, pad_id)
+    if need.max() > room:
+      row = int(np.argmax(need))
+      raise ValueError(f"Pair batch: pair {row} needs {int(need[row])} tokens with its prompt "
+                       f"computed once, more than the packed row's {room} (T + scored "
+                       "length): its chosen and rejected rows do not begin with the same "
+                       "prompt, or its rejected response is longer than scored_length. Build "
+                       "pairs with make_pair_batch, or set make_train_step.share_prompt = "
+                       "False.")
   if needs_reference:
     for k in REF_KEYS:
       ref = np.asarray(batch[k])

@@ -22,12 +22,14 @@ halves would need.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from eva_jax.models.transformer import default_positions
+from eva_jax.solver import batch as batch_lib
 from eva_jax.solver.losses import PreferenceLogps
 
 Array = jax.Array
@@ -56,6 +58,47 @@ def scored_positions(weights: Array, scored_length: int) -> Array:
   return jnp.argsort(weights <= 0, axis=-1, stable=True)[:, :scored_length].astype(jnp.int32)
 
 
+def _next_token_targets(tokens: Array, loss_mask: Array, pad_id: int) -> tuple[Array, Array]:
+  """(targets, weights) [B, T]: position t predicts token t + 1 with the weight of t + 1's
+  loss-mask entry (the last position predicts nothing)."""
+  b = tokens.shape[0]
+  targets = jnp.concatenate([tokens[:, 1:], jnp.full((b, 1), pad_id, jnp.int32)], axis=1)
+  weights = jnp.concatenate([jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32),
+                             jnp.zeros((b, 1), jnp.float32)], axis=1)
+  return targets, weights
+
+
+def _scored_logps(model: nn.Module, params: Any, hidden: Array, targets: Array, weights: Array,
+                  chunk_size: int) -> Array:
+  """sum over t of weights * log p(targets) [B] from hidden [B, T, D], unembedding `chunk_size`
+  positions at a time."""
+  b, t, d = hidden.shape
+  chunk = max(1, min(chunk_size, t))
+  n = math.ceil(t / chunk)
+  if n * chunk != t:
+    extra = n * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, extra), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, extra)), constant_values=model.config.pad_id)
+    weights = jnp.pad(weights, ((0, 0), (0, extra)))
+  # [n, B, chunk, ...]: scan over chunks; the batch keeps its sharding.
+  hidden = nn.with_logical_constraint(
+      hidden.reshape(b, n, chunk, d).swapaxes(0, 1), _CHUNKED_HIDDEN_AXES)
+  targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
+  weights = weights.reshape(b, n, chunk).swapaxes(0, 1)
+
+  # Recompute each chunk's logits in the backward pass instead of keeping them (CSE
+  # prevention is unnecessary inside a scan body).
+  chunk_fn = jax.checkpoint(lambda p, h, y: _chunk_token_logps(model, p, h, y),
+                            prevent_cse=False)
+
+  def body(total, xs):
+    h, y, w = xs
+    return total + jnp.sum(chunk_fn(params, h, y) * w, axis=-1), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (hidden, targets, weights))
+  return total
+
+
 def sequence_logps(model: nn.Module, params: Any, tokens: Array, loss_mask: Array, *,
                    chunk_size: int = 256,
                    scored_length: Optional[int] = None) -> tuple[Array, Array]:
@@ -75,13 +118,9 @@ def sequence_logps(model: nn.Module, params: Any, tokens: Array, loss_mask: Arra
     (sum float32 [B], count float32 [B]).
   """
   tokens = jnp.asarray(tokens, jnp.int32)
-  b, t = tokens.shape
+  t = tokens.shape[1]
   hidden = model.apply({"params": params}, tokens, return_hidden=True)  # [B, T, D]
-  # Position t predicts token t + 1: shift targets and weights left by one.
-  pad = jnp.full((b, 1), model.config.pad_id, jnp.int32)
-  targets = jnp.concatenate([tokens[:, 1:], pad], axis=1)
-  weights = jnp.concatenate([jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32),
-                             jnp.zeros((b, 1), jnp.float32)], axis=1)
+  targets, weights = _next_token_targets(tokens, loss_mask, model.config.pad_id)
   if scored_length is not None and scored_length < t:
     if scored_length < 1:
       raise ValueError(f"sequence_logps: scored_length must be >= 1, got {scored_length}.")
@@ -90,55 +129,125 @@ def sequence_logps(model: nn.Module, params: Any, tokens: Array, loss_mask: Arra
         jnp.take_along_axis(hidden, index[..., None], axis=1), _HIDDEN_AXES)
     targets = jnp.take_along_axis(targets, index, axis=1)
     weights = jnp.take_along_axis(weights, index, axis=1)
-    t = scored_length
+  total = _scored_logps(model, params, hidden, targets, weights, chunk_size)
+  return total, jnp.sum(weights, axis=-1)
 
-  chunk = max(1, min(chunk_size, t))
-  n = math.ceil(t / chunk)
-  if n * chunk != t:
-    extra = n * chunk - t
-    hidden = jnp.pad(hidden, ((0, 0), (0, extra), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, extra)), constant_values=model.config.pad_id)
-    weights = jnp.pad(weights, ((0, 0), (0, extra)))
-  d = hidden.shape[-1]
-  # [n, B, chunk, ...]: scan over chunks; the batch keeps its sharding.
-  hidden = nn.with_logical_constraint(
-      hidden.reshape(b, n, chunk, d).swapaxes(0, 1), _CHUNKED_HIDDEN_AXES)
-  targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
-  weights = weights.reshape(b, n, chunk).swapaxes(0, 1)
 
-  # Recompute each chunk's logits in the backward pass instead of keeping them (CSE
-  # prevention is unnecessary inside a scan body).
-  chunk_fn = jax.checkpoint(lambda p, h, y: _chunk_token_logps(model, p, h, y),
-                            prevent_cse=False)
+class SharedPromptRows(NamedTuple):
+  """A pair batch packed one row per pair, the prompt once (see `pack_shared_prompt`)."""
+  tokens: Array  # int32 [B, L]: chosen row, then the rejected row past the shared prefix, pad
+  positions: Array  # int32 [B, L]: each token's position in its own (unpacked) row
+  attention_mask: Array  # bool [B, L, L]
+  rejected_slots: Array  # int32 [B, T]: packed slot of each rejected-row slot (clipped)
 
-  def body(total, xs):
-    h, y, w = xs
-    return total + jnp.sum(chunk_fn(params, h, y) * w, axis=-1), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (hidden, targets, weights))
-  count = jnp.sum(weights, axis=(0, 2))
-  return total, count
+def _last_real_plus_one(tokens: Array, pad_id: int) -> Array:
+  real = tokens != pad_id
+  return jnp.max(jnp.where(real, jnp.arange(tokens.shape[1]) + 1, 0), axis=1)
+
+
+def pack_shared_prompt(batch: Mapping[str, Array], pad_id: int, length: int) -> SharedPromptRows:
+  """Packs each pair as [prompt, chosen response, rejected response] in one row of `length`.
+
+  The shared prefix is the longest run of leading tokens equal in both rows, scored in
+  neither and not padding (the prompt, for `make_pair_batch`'s pairs). The chosen row keeps
+  its slots; the rejected row's tokens after the prefix follow it. Each token keeps its own
+  row's position (`default_positions`), and sees, causally, the prefix and its own response
+  only, so its hidden state is the one its unpacked row gives it. A pair longer than `length`
+  would lose tokens: `validate_pair_batch(share_prompt=True)` checks on the host that none is.
+  """
+  chosen = jnp.asarray(batch["chosen_tokens"], jnp.int32)
+  rejected = jnp.asarray(batch["rejected_tokens"], jnp.int32)
+  b, t = chosen.shape
+  same = ((chosen == rejected) & (chosen != pad_id)
+          & (jnp.asarray(batch["chosen_loss_mask"]) == 0)
+          & (jnp.asarray(batch["rejected_loss_mask"]) == 0))
+  shared = jnp.sum(jnp.cumprod(same.astype(jnp.int32), axis=1), axis=1)[:, None]  # [B, 1]
+  chosen_end = _last_real_plus_one(chosen, pad_id)[:, None]
+  rejected_end = _last_real_plus_one(rejected, pad_id)[:, None]
+  slots = jnp.arange(length, dtype=jnp.int32)[None]  # [1, L]
+  in_chosen = slots < chosen_end
+  from_rejected = slots - chosen_end + shared  # the rejected row's slot at each packed slot
+  in_rejected = ~in_chosen & (from_rejected < rejected_end)
+  chosen_src = jnp.minimum(slots, t - 1)
+  rejected_src = jnp.clip(from_rejected, 0, t - 1)
+  take = lambda x, src: jnp.take_along_axis(x, jnp.broadcast_to(src, (b, length)), axis=1)
+  tokens = jnp.where(in_chosen, take(chosen, chosen_src),
+                     jnp.where(in_rejected, take(rejected, rejected_src), pad_id))
+  positions = jnp.where(
+      in_chosen, take(default_positions(chosen, pad_id), chosen_src),
+      jnp.where(in_rejected, take(default_positions(rejected, pad_id), rejected_src), 0))
+  # Segments: 0 the shared prefix, 1 the chosen row's own tokens, 2 the rejected's, 3 padding.
+  segment = jnp.where(slots < shared, 0, jnp.where(in_chosen, 1, jnp.where(in_rejected, 2, 3)))
+  key_ok = (tokens != pad_id)[:, None, :] & (
+      (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
+  causal = slots[:, :, None] >= slots[:, None, :]
+  row_slots = jnp.arange(t, dtype=jnp.int32)[None]
+  rejected_slots = jnp.where(row_slots < shared, row_slots, row_slots - shared + chosen_end)
+  return SharedPromptRows(tokens, positions, causal & key_ok,
+                          jnp.minimum(rejected_slots, length - 1))
+
+
+def _shared_prompt_pair_logps(model: nn.Module, params: Any, batch: Mapping[str, Array], *,
+                              chunk_size: int, scored_length: Optional[int]):
+  """(sum, count) [B, 2] of chosen and rejected, from one packed row per pair."""
+  pad_id = model.config.pad_id
+  b, t = batch["chosen_tokens"].shape
+  length = batch_lib.shared_prompt_length(t, scored_length)
+  packed = pack_shared_prompt(batch, pad_id, length)
+  hidden = model.apply({"params": params}, packed.tokens, positions=packed.positions,
+                       attention_mask=packed.attention_mask, return_hidden=True)  # [B, L, D]
+  scored = t if scored_length is None else min(scored_length, t)
+  identity = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+  sides = []
+  for side, slots in (("chosen", identity), ("rejected", packed.rejected_slots)):
+    targets, weights = _next_token_targets(jnp.asarray(batch[f"{side}_tokens"], jnp.int32),
+                                           batch[f"{side}_loss_mask"], pad_id)
+    index = scored_positions(weights, scored) if scored < t else identity
+    predictor = jnp.take_along_axis(slots, index, axis=1)  # the packed slot predicting each
+    sides.append((jnp.take_along_axis(hidden, predictor[..., None], axis=1),
+                  jnp.take_along_axis(targets, index, axis=1),
+                  jnp.take_along_axis(weights, index, axis=1)))
+  # [B, 2, S, ...] -> [2B, S, ...], pair i on rows 2i and 2i + 1 as in the unpacked path.
+  hidden, targets, weights = (jnp.stack(x, axis=1).reshape((2 * b,) + x[0].shape[1:])
+                              for x in zip(*sides))
+  hidden = nn.with_logical_constraint(hidden, _HIDDEN_AXES)
+  total = _scored_logps(model, params, hidden, targets, weights, chunk_size)
+  return total.reshape(b, 2), jnp.sum(weights, axis=-1).reshape(b, 2)
 
 
 def pair_logps(model: nn.Module, params: Any, batch: Mapping[str, Array], *,
                chunk_size: int = 256, with_reference: bool = True,
-               scored_length: Optional[int] = None) -> PreferenceLogps:
+               scored_length: Optional[int] = None,
+               share_prompt: bool = False) -> PreferenceLogps:
   """Policy log-probs of a pair batch (format: `eva_jax.solver.batch`) in one forward.
 
   Args:
     batch: `chosen_tokens`, `chosen_loss_mask`, `rejected_tokens`, `rejected_loss_mask`
       [B, T] and, when `with_reference`, `ref_chosen_logps`, `ref_rejected_logps` [B].
+    share_prompt: run each pair as one packed row (`pack_shared_prompt`) of
+      `shared_prompt_length(T, scored_length)` tokens, the prompt once, instead of two rows
+      of T: the same log-probs, with the prompt's share of the forward and backward work
+      saved. Needs the model's `attention_impl = "xla"` (a [B, L, L] mask).
 
   Returns:
     PreferenceLogps with [B] fields (reference fields None unless `with_reference`).
   """
   b, t = batch["chosen_tokens"].shape
-  tokens = jnp.stack([batch["chosen_tokens"], batch["rejected_tokens"]], axis=1)
-  mask = jnp.stack([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=1)
-  total, count = sequence_logps(model, params, tokens.reshape(2 * b, t),
-                                mask.reshape(2 * b, t), chunk_size=chunk_size,
-                                scored_length=scored_length)
-  total, count = total.reshape(b, 2), count.reshape(b, 2)
+  if share_prompt:
+    if model.config.attention_impl != "xla":
+      raise ValueError("pair_logps: share_prompt packs each pair in one row with a [B, L, L] "
+                       "attention mask, which attention_impl='flash' does not take; use "
+                       "share_prompt=False or attention_impl='xla'.")
+    total, count = _shared_prompt_pair_logps(model, params, batch, chunk_size=chunk_size,
+                                             scored_length=scored_length)
+  else:
+    tokens = jnp.stack([batch["chosen_tokens"], batch["rejected_tokens"]], axis=1)
+    mask = jnp.stack([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=1)
+    total, count = sequence_logps(model, params, tokens.reshape(2 * b, t),
+                                  mask.reshape(2 * b, t), chunk_size=chunk_size,
+                                  scored_length=scored_length)
+    total, count = total.reshape(b, 2), count.reshape(b, 2)
   ref_c = ref_r = None
   if with_reference:
     ref_c = jnp.asarray(batch["ref_chosen_logps"], jnp.float32)

@@ -18,7 +18,8 @@ Batch format (built by `eva_jax.solver.batch.make_pair_batch`; B pairs, T padded
   takes rows m, m + M, m + 2M, ... so that every device keeps working on its own rows;
 * runs the policy once per micro-batch on chosen and rejected together (`pair_logps`), the
   reference log-probs coming from the batch (`reference_logps` computes them once per round
-  with the round's starting params): the step never holds a second model;
+  with the round's starting params): the step never holds a second model; by default
+  (`share_prompt`) each pair is one packed row, its prompt computed once;
 * returns metrics averaged over the batch: `loss`, the loss's own (`rewards/*`, `logps/*`),
   `grad_norm` (before clipping), `learning_rate`, `tokens` (scored response tokens).
 
@@ -49,9 +50,10 @@ Array = jax.Array
 
 
 def _loss_and_metrics(params, batch, *, model, loss_fn: PreferenceLoss, chunk_size: int,
-                      scored_length: Optional[int] = None):
+                      scored_length: Optional[int] = None, share_prompt: bool = False):
   logps = pair_logps(model, params, batch, chunk_size=chunk_size,
-                     with_reference=loss_fn.needs_reference, scored_length=scored_length)
+                     with_reference=loss_fn.needs_reference, scored_length=scored_length,
+                     share_prompt=share_prompt)
   losses, metrics = loss_fn(logps)
   metrics = {k: jnp.mean(v) for k, v in metrics.items()}
   metrics["tokens"] = jnp.sum(logps.chosen_length + logps.rejected_length)
@@ -73,10 +75,11 @@ def _split_microbatches(batch: Mapping[str, Array], num: int, mesh: Mesh, rules)
 
 def _step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
           optimizer: Optimizer, loss_fn: PreferenceLoss, num_microbatches: int, chunk_size: int,
-          scored_length: Optional[int], mesh: Mesh, rules,
+          scored_length: Optional[int], share_prompt: bool, mesh: Mesh, rules,
           param_shardings) -> tuple[TrainState, dict]:
   loss_fn_ = functools.partial(_loss_and_metrics, model=model, loss_fn=loss_fn,
-                               chunk_size=chunk_size, scored_length=scored_length)
+                               chunk_size=chunk_size, scored_length=scored_length,
+                               share_prompt=share_prompt)
   grad_fn = jax.value_and_grad(loss_fn_, has_aux=True)
   params = state.params
   if num_microbatches == 1:
@@ -117,6 +120,23 @@ def _step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
   return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
 
 
+def _resolve_share_prompt(share_prompt: Optional[bool], model: nn.Module,
+                          scored_length: Optional[int], where: str) -> bool:
+  """None -> on where it applies; True where it does not -> ValueError naming `where`."""
+  flash = model.config.attention_impl != "xla"
+  if share_prompt is None:
+    return scored_length is not None and not flash
+  if share_prompt and flash:
+    raise ValueError(f"{where}: share_prompt=True packs each pair in one row with a full "
+                     "attention mask, which attention_impl='flash' does not take; set "
+                     f"{where}.share_prompt = None (on where it applies) or False.")
+  if share_prompt and scored_length is None:
+    raise ValueError(f"{where}: share_prompt=True needs scored_length (a pair's packed row "
+                     "is T + scored_length tokens; the sampler's max_new_tokens), or set "
+                     f"{where}.share_prompt = None or False.")
+  return bool(share_prompt)
+
+
 class TrainStep:
   """`step(state, batch) -> (state, metrics)`: the jitted, sharded, donating train step.
 
@@ -132,17 +152,26 @@ class TrainStep:
       ValueError in `shard_batch`. None unembeds every position, prompt included.
     max_length: longest row allowed (T); longer batches raise ValueError.
     donate: donate the state (its buffers are reused for the new one).
+    share_prompt: run each pair as one row, its prompt once (`pair_logps`): the same
+      log-probs and gradients with the prompt's share of the forward and backward work
+      saved (a quarter of the rows' tokens at 512-token prompts and responses). None (the
+      default) turns it on where it applies: with `scored_length` (the packed row is
+      T + scored_length tokens) and the model's `attention_impl = "xla"`. True where it does
+      not apply raises ValueError. Pairs whose rows do not share their prompt raise
+      ValueError in `shard_batch`.
   """
 
   def __init__(self, model: nn.Module, optimizer: Optimizer, loss_fn: PreferenceLoss,
                mesh: Mesh, rules=None, *, num_microbatches: int = 1, chunk_size: int = 256,
                scored_length: Optional[int] = None, max_length: Optional[int] = None,
-               donate: bool = True):
+               donate: bool = True, share_prompt: Optional[bool] = None):
     if num_microbatches < 1:
       raise ValueError(f"TrainStep: num_microbatches must be >= 1, got {num_microbatches}.")
     if scored_length is not None and scored_length < 1:
       raise ValueError(f"TrainStep: scored_length must be >= 1 (or None), got {scored_length}.")
     self.scored_length = scored_length
+    self.share_prompt = _resolve_share_prompt(share_prompt, model, scored_length,
+                                              "make_train_step")
     self.model, self.optimizer, self.loss_fn, self.mesh = model, optimizer, loss_fn, mesh
     self.rules = parallel.logical_axis_rules() if rules is None else rules
     self.num_microbatches, self.chunk_size, self.max_length = (num_microbatches, chunk_size,
@@ -155,8 +184,9 @@ class TrainStep:
     self.data_parallel = parallel.data_parallel_size(mesh, self.rules)
     fn = functools.partial(_step, model=model, optimizer=optimizer, loss_fn=loss_fn,
                            num_microbatches=num_microbatches, chunk_size=chunk_size,
-                           scored_length=scored_length, mesh=mesh,
-                           rules=self.rules, param_shardings=self.state_shardings.params)
+                           scored_length=scored_length, share_prompt=self.share_prompt,
+                           mesh=mesh, rules=self.rules,
+                           param_shardings=self.state_shardings.params)
     self._jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
                            out_shardings=(self.state_shardings, NamedSharding(mesh, P())),
                            donate_argnums=(0,) if donate else ())
@@ -194,7 +224,8 @@ class TrainStep:
     batch_lib.validate_pair_batch(local_batch, pad_id=self.model.config.pad_id,
                                   max_length=self.max_length,
                                   needs_reference=self.loss_fn.needs_reference,
-                                  scored_length=self.scored_length)
+                                  scored_length=self.scored_length,
+                                  share_prompt=self.share_prompt)
     local = {k: np.asarray(local_batch[k]) for k in self.keys}
     # Checked before the arrays are placed, where a bad size would fail inside JAX.
     self._check_divisible(local["chosen_tokens"].shape[0] * jax.process_count())
@@ -227,12 +258,14 @@ def make_train_step(model: nn.Module, mesh: Mesh, rules=None, *,
                     optimizer: Optional[Optimizer] = None,
                     loss_fn: Optional[PreferenceLoss] = None, num_microbatches: int = 1,
                     chunk_size: int = 256, scored_length: Optional[int] = None,
-                    max_length: Optional[int] = None, donate: bool = True) -> TrainStep:
+                    max_length: Optional[int] = None, donate: bool = True,
+                    share_prompt: Optional[bool] = None) -> TrainStep:
   """`TrainStep` with the optimizer and loss from gin when not given."""
   return TrainStep(model, make_optimizer() if optimizer is None else optimizer,
                    get_loss_fn() if loss_fn is None else loss_fn, mesh, rules,
                    num_microbatches=num_microbatches, chunk_size=chunk_size,
-                   scored_length=scored_length, max_length=max_length, donate=donate)
+                   scored_length=scored_length, max_length=max_length, donate=donate,
+                   share_prompt=share_prompt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,17 +273,28 @@ def make_train_step(model: nn.Module, mesh: Mesh, rules=None, *,
 
 
 def make_reference_fn(model: nn.Module, mesh: Mesh, rules=None, *, chunk_size: int = 256,
-                      scored_length: Optional[int] = None, param_shardings: Any = None):
+                      scored_length: Optional[int] = None, param_shardings: Any = None,
+                      share_prompt: Optional[bool] = None):
   """Jitted `(params, tokens [2B, T], mask [2B, T]) -> summed log-probs [2B]`, batch sharded
   over the data axes; `param_shardings` defaults to the model's logical shardings;
-  `scored_length` as `TrainStep`'s."""
+  `scored_length` and `share_prompt` as `TrainStep`'s (with `share_prompt` the rows must be
+  pairs, chosen then rejected: rows 2i and 2i + 1, as `reference_logps` passes them)."""
   rules = parallel.logical_axis_rules() if rules is None else rules
+  share_prompt = _resolve_share_prompt(share_prompt, model, scored_length, "make_reference_fn")
   if param_shardings is None:
     axes, abstract = parallel.params_logical_axes(model, jax.ShapeDtypeStruct((1, 8), jnp.int32))
     param_shardings = parallel.logical_shardings(axes, mesh, rules, abstract)
   rows = parallel.batch_sharding(mesh, 2, rules)
 
   def fn(params, tokens, mask):
+    if share_prompt:
+      b2, t = tokens.shape
+      tokens, mask = tokens.reshape(b2 // 2, 2, t), mask.reshape(b2 // 2, 2, t)
+      pairs = {"chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1],
+               "chosen_loss_mask": mask[:, 0], "rejected_loss_mask": mask[:, 1]}
+      logps = pair_logps(model, params, pairs, chunk_size=chunk_size, with_reference=False,
+                         scored_length=scored_length, share_prompt=True)
+      return jnp.stack([logps.chosen, logps.rejected], axis=1).reshape(b2)
     return sequence_logps(model, params, tokens, mask, chunk_size=chunk_size,
                           scored_length=scored_length)[0]
 
@@ -261,13 +305,15 @@ def make_reference_fn(model: nn.Module, mesh: Mesh, rules=None, *, chunk_size: i
     with parallel.with_mesh_rules(mesh, rules):
       return jitted(params, tokens, mask)
   call.lower = jitted.lower  # AOT: lower from ShapeDtypeStructs (eva_jax.aot), inside the mesh
+  call.share_prompt = share_prompt
   return call
 
 
 @gin.configurable(denylist=["model", "params", "pairs", "mesh", "rules"])
 def reference_logps(model: nn.Module, params: Any, pairs: Mapping[str, np.ndarray], mesh: Mesh,
                     rules=None, *, batch_size: int = 64, chunk_size: int = 256,
-                    scored_length: Optional[int] = None) -> dict[str, np.ndarray]:
+                    scored_length: Optional[int] = None,
+                    share_prompt: Optional[bool] = None) -> dict[str, np.ndarray]:
   """The reference model's summed response log-probs for all of a round's pairs.
 
   Runs the jitted forward over fixed-size batches of `batch_size` pairs (the last one padded
@@ -280,12 +326,16 @@ def reference_logps(model: nn.Module, params: Any, pairs: Mapping[str, np.ndarra
       the process count); 2 * batch_size rows go through the model at once.
     scored_length: unembed only each row's scored positions, at most this many (as
       `TrainStep`'s; the eva loop passes its sampler's max_new_tokens).
+    share_prompt: each pair as one row, its prompt once (as `TrainStep`'s; None: where it
+      applies).
 
   Returns:
     {"ref_chosen_logps": float32 [N], "ref_rejected_logps": float32 [N]}; add them to the pairs.
   """
   rules = parallel.logical_axis_rules() if rules is None else rules
-  batch_lib.validate_pair_batch(pairs, pad_id=model.config.pad_id, scored_length=scored_length)
+  share_prompt = _resolve_share_prompt(share_prompt, model, scored_length, "reference_logps")
+  batch_lib.validate_pair_batch(pairs, pad_id=model.config.pad_id, scored_length=scored_length,
+                                share_prompt=share_prompt)
   n, t = np.shape(pairs["chosen_tokens"])
   unit = int(np.lcm(parallel.data_parallel_size(mesh, rules), jax.process_count()))
   batch_size = -(-max(1, batch_size) // unit) * unit
@@ -294,7 +344,8 @@ def reference_logps(model: nn.Module, params: Any, pairs: Mapping[str, np.ndarra
   param_shardings = (jax.tree_util.tree_map(lambda x: x.sharding, params)
                      if all(isinstance(x, jax.Array) for x in leaves) else None)
   fn = make_reference_fn(model, mesh, rules, chunk_size=chunk_size,
-                         scored_length=scored_length, param_shardings=param_shardings)
+                         scored_length=scored_length, param_shardings=param_shardings,
+                         share_prompt=share_prompt)
   rows = parallel.process_slice(2 * batch_size)
   out = np.zeros((n, 2), np.float32)
   for start in range(0, n, batch_size):

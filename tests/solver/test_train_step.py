@@ -27,18 +27,19 @@ _STEPS = {}
 
 
 def _train(config, pairs, mesh_shape, devices, *, steps=2, num_microbatches=1, seed=0,
-           scored_length=None):
+           scored_length=None, share_prompt=None):
   """(initial params, final params, per-step metrics) as numpy.
 
   The TrainStep (and so its compiled program) is cached per mesh, micro-batch count and
-  scored length."""
-  key = (tuple(sorted(mesh_shape.items())), len(devices), num_microbatches, scored_length)
+  scored length (share_prompt None: on with a scored length)."""
+  key = (tuple(sorted(mesh_shape.items())), len(devices), num_microbatches, scored_length,
+         share_prompt)
   if key not in _STEPS:
     mesh = parallel.create_mesh(mesh_shape, devices=devices)
     model = make_policy_model(config, remat="full", compute_dtype="float32")
     _STEPS[key] = TrainStep(model, _optimizer(), get_loss_fn("dpo", beta=0.1), mesh,
                             num_microbatches=num_microbatches, chunk_size=8, max_length=T,
-                            scored_length=scored_length)
+                            scored_length=scored_length, share_prompt=share_prompt)
   step = _STEPS[key]
   state = create_train_state(step.model, step.optimizer, jax.random.key(seed), step.mesh)
   init = parallel.global_to_host(state.params)
@@ -106,18 +107,23 @@ def test_same_seed_same_state_other_seed_other_state(small_config, pairs, single
   for a, b in zip(jax.tree_util.tree_leaves(again[1]), jax.tree_util.tree_leaves(single_device[1])):
     np.testing.assert_array_equal(a, b)
   assert again[2] == single_device[2]
-  step = _STEPS[((("data", 1),), 1, 1, None)]
+  step = _STEPS[((("data", 1),), 1, 1, None, None)]
   other = create_train_state(step.model, step.optimizer, jax.random.key(1), step.mesh)
   assert not np.array_equal(np.asarray(other.params["embedder"]["input_embedding"]),
                             single_device[0]["embedder"]["input_embedding"])
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
 def test_unembedding_only_the_responses_matches_all_positions(small_config, pairs,
-                                                              single_device, same_training):
+                                                              single_device, same_training,
+                                                              share_prompt):
   """scored_length = the longest response: the prompts' logits are never computed, on a
-  sharded mesh with micro-batches, and training is the same."""
+  sharded mesh with micro-batches, and training is the same; also with each pair packed in
+  one row, its prompt once (the default with a scored length)."""
   longest = max(int(pairs[f"{side}_loss_mask"].sum(1).max()) for side in ("chosen", "rejected"))
   assert longest < T // 2 + 5
   got = _train(small_config, pairs, {"fsdp": 2, "tensor": 2}, jax.devices()[:4],
-               num_microbatches=2, scored_length=longest)
+               num_microbatches=2, scored_length=longest, share_prompt=share_prompt)
+  assert _STEPS[((("fsdp", 2), ("tensor", 2)), 4, 2, longest, share_prompt)].share_prompt == (
+      share_prompt)
   _assert_same_run(got, single_device, same_training)
