@@ -78,6 +78,7 @@ def summarize(results: dict) -> dict:
       train[stem[len("train_"):]] = dict(
           tokens_per_s=r["tokens_per_s"], peak_memory_gib=r.get("peak_memory_gib"),
           compile_s=r.get("compile_s"), mfu=r.get("mfu"), xla_flags=r.get("xla_flags", ""),
+          share_prompt=r.get("share_prompt"),
           vs_tunix=_ratio(r["tokens_per_s"], (tunix_train or {}).get("tokens_per_s")))
     elif stem.startswith("sampler_") and "new_tokens_per_s" in r:
       sampler[stem[len("sampler_"):]] = dict(
@@ -134,15 +135,17 @@ def markdown(summary: dict) -> str:
   lines = [f"device {', '.join(about['device']) or '?'}; model {', '.join(about['config']) or '?'}"
            f"; jax {', '.join(about['jax']) or '?'}", ""]
   tt, ts = summary["tunix_train"] or {}, summary["tunix_sampler"] or {}
-  lines += ["| train step | tokens/s | x Tunix | peak GiB | compile s | MFU | XLA_FLAGS |",
-            "|---|---|---|---|---|---|---|"]
+  lines += ["| train step | tokens/s | x Tunix | peak GiB | compile s | MFU | prompt once "
+            "| XLA_FLAGS |", "|---|---|---|---|---|---|---|---|"]
+  once = lambda v: "-" if v is None else ("yes" if v else "no")
   for name, r in sorted(summary["train"].items()):
     lines.append(f"| {name} | {_f(r['tokens_per_s'], '{:.0f}')} | {_f(r['vs_tunix'])} | "
                  f"{_f(r['peak_memory_gib'], '{:.1f}')} | {_f(r['compile_s'], '{:.1f}')} | "
-                 f"{_f(r['mfu'])} | {r['xla_flags'].strip() or '-'} |")
+                 f"{_f(r['mfu'])} | {once(r.get('share_prompt'))} | "
+                 f"{r['xla_flags'].strip() or '-'} |")
   lines.append(f"| Tunix | {_f(tt.get('tokens_per_s'), '{:.0f}')} | 1.00 | "
-               f"{_f(tt.get('peak_gib'), '{:.1f}')} | - | - | - |" if tt else
-               "| Tunix | not measured | | | | | |")
+               f"{_f(tt.get('peak_gib'), '{:.1f}')} | - | - | no | - |" if tt else
+               "| Tunix | not measured | | | | | | |")
   lines += ["", "| sampler | new tokens/s | x Tunix | roofline fraction | at most (HLO bytes) "
             "| compile s | first call s | XLA_FLAGS |", "|---|---|---|---|---|---|---|---|"]
   for name, r in sorted(summary["sampler"].items()):

@@ -77,14 +77,15 @@ peer() {  # script of .gpu/bench, its arguments after the model: a Tunix peer, a
 case "$PART" in
   1)
     # Train step: the default (scanned layers, full remat, float32 params and Adam, XLA
-    # attention, only the responses unembedded) and mixed_precision.gin (bfloat16 params with
-    # a float32 master copy, bfloat16 first moment, remat "dots") with the fused attention
-    # kernel, then Tunix. Compiled for one H200 by XLA:GPU without a GPU (--aot_topology
-    # h200-1) the two take 47.0 and 47.6 GiB with jax 0.10.2 (42.7 and 47.6 with the GPU
-    # image's 0.11.2), Tunix's step 46.3; the first session's unrolled default, 37.2 compiled,
-    # peaked at 40.5 GiB on an H200 and Tunix at 53.7. Sampler: the default (threshold top-p,
-    # gathered bfloat16 params, one decode loop, XLA decode attention over the whole cache;
-    # float32 params as the loop holds them), then Tunix's.
+    # attention, only the responses unembedded, each pair one row, its prompt once) and
+    # mixed_precision.gin (bfloat16 params with a float32 master copy, bfloat16 first moment,
+    # remat "dots") with the fused attention kernel (two rows a pair: the kernel takes no
+    # packed mask), then Tunix. Compiled for one H200 by XLA:GPU without a GPU
+    # (--aot_topology h200-1) the two take 46.7 and 47.6 GiB with jax 0.10.2 (41.9 and 47.6
+    # with the GPU image's 0.11.2), Tunix's step 46.3; the first session's unrolled default,
+    # 37.2 compiled, peaked at 40.5 GiB on an H200 and Tunix at 53.7. Sampler: the default
+    # (threshold top-p, gathered bfloat16 params, one decode loop, XLA decode attention over
+    # the whole cache; float32 params as the loop holds them), then Tunix's.
     train default ""
     train mixed_precision_flash "--gin_file mixed_precision.gin --attention_impl flash"
     peer peer_tunix_dpo 4 512 512 12
@@ -92,11 +93,16 @@ case "$PART" in
     peer peer_tunix_generate 256 256 256 ;;
   2)
     # The decode kernel that reads the cache only up to each step's slot (attention_impl
-    # flash); the fused attention kernels alone against XLA's at the train step's shape (speed,
-    # and their agreement on the GPU); the default train step and sampler without autotuning;
-    # mixed_precision.gin without the kernel, the default with it; the sort top-p the default
+    # flash); mixed_precision.gin without the fused kernel (one row a pair: 44.3 GiB
+    # compiled, 20% fewer FLOPs than with two rows); the default train step with each pair as
+    # two rows, its prompt twice (as before share_prompt; 1.26x slower on a CPU at
+    # gemma2_2b's widths); the fused attention kernels alone against XLA's at the train
+    # step's shape (speed, and their agreement on the GPU); the default train step and
+    # sampler without autotuning; the default with the kernel; the sort top-p the default
     # replaced and 4 decode segments (no faster on a CPU).
     sampler flash_decode "--param_dtype float32 --config_overrides {\"attention_impl\":\"flash\"}"
+    train mixed_precision "--gin_file mixed_precision.gin"
+    train default_two_rows "--no-share_prompt"
     step "attention: flash kernel against XLA"
     bounded "${ATTENTION_S:-60}" "$PYTHON" benchmarks/attention.py ${SMALL:+--batch 2 --length 64 \
       --head_dim 32 --iters 2} --out "$OUT/attention.json" 2>&1 | keep
@@ -106,7 +112,6 @@ case "$PART" in
     # step time.
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" train default_autotune0 ""
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" sampler default_autotune0 "--param_dtype float32"
-    train mixed_precision "--gin_file mixed_precision.gin"
     train default_flash "--attention_impl flash"
     sampler sort "--param_dtype float32 --top_p_method sort"
     sampler segments4 "--param_dtype float32 --decode_segments 4" ;;

@@ -17,7 +17,11 @@ Reported:
                     (tied) embedding once; attention = 12 * layers * heads * head_dim *
                     (causal query-key pairs within each layer's window) per sequence; remat
                     recomputation is not counted (model FLOPs, not hardware FLOPs), nor are the
-                    prompt's unembeddings skipped (the same convention as the peers)
+                    prompt's unembeddings skipped (the same convention as the peers), nor
+                    the prompt's second pass that `share_prompt` saves
+  computed_tokens_per_step  tokens the step runs through the model: 2 * pairs * length, or
+                    with `share_prompt` (on by default; --no-share_prompt turns it off)
+                    pairs * (length + response positions), the prompt once per pair
   mfu               model FLOP/s / peak; peak from --peak_tflops, else a matmul in the
                     compute dtype measured in this run (`peak_source` says which)
   peak_memory_gib   the device allocator's peak (GPU/TPU); None on CPU, where
@@ -60,6 +64,7 @@ from eva_jax.models.flash_attention import BlockSizes  # noqa: E402
 from eva_jax.models.transformer import REMAT_POLICIES  # noqa: E402
 from eva_jax.solver import (TrainStep, create_train_state, get_loss_fn, make_optimizer,  # noqa: E402
                             make_policy_model)
+from eva_jax.solver.batch import shared_prompt_length  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -99,6 +104,9 @@ def parse_args(argv=None):
   p.add_argument("--master_dtype", default=None,
                  help="dtype of the optimizer's master copy of the params (e.g. float32 with "
                       "--param_dtype bfloat16); default: none")
+  p.add_argument("--share_prompt", default=None, action=argparse.BooleanOptionalAction,
+                 help="one packed row per pair, its prompt once (default: on where it "
+                      "applies, as make_train_step)")
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--chunk_size", type=int, default=256, help="positions per logits chunk")
   p.add_argument("--scored_length", type=int, default=None,
@@ -151,7 +159,9 @@ def random_batch(cfg, pairs: int, prompt_len: int, response_len: int, seed: int 
   mask = np.zeros((pairs, t), np.int32)
   mask[:, prompt_len:] = 1
   tokens = lambda: rng.integers(3, cfg.vocab_size, (pairs, t), dtype=np.int32)
-  return {"chosen_tokens": tokens(), "chosen_loss_mask": mask, "rejected_tokens": tokens(),
+  chosen, rejected = tokens(), tokens()
+  rejected[:, :prompt_len] = chosen[:, :prompt_len]  # one prompt per pair, as in a round
+  return {"chosen_tokens": chosen, "chosen_loss_mask": mask, "rejected_tokens": rejected,
           "rejected_loss_mask": mask.copy(),
           "ref_chosen_logps": rng.normal(-response_len * 2.0, 1.0, pairs).astype(np.float32),
           "ref_rejected_logps": rng.normal(-response_len * 2.0, 1.0, pairs).astype(np.float32)}
@@ -203,7 +213,8 @@ def main(argv=None):
   loss_fn = get_loss_fn(args.loss)
   scored = args.response_len if args.scored_length is None else args.scored_length
   step = TrainStep(model, opt, loss_fn, mesh, num_microbatches=args.microbatches,
-                   chunk_size=args.chunk_size, scored_length=scored or None)
+                   chunk_size=args.chunk_size, scored_length=scored or None,
+                   share_prompt=args.share_prompt)
   host_batch = random_batch(cfg, args.pairs, args.prompt_len, args.response_len)
   length = args.prompt_len + args.response_len
   tokens = 2 * args.pairs * length
@@ -222,7 +233,10 @@ def main(argv=None):
                 mu_dtype=dtype_name(opt.mu_dtype or opt.state_dtype),
                 master_dtype=dtype_name(opt.master_dtype),
                 microbatches=args.microbatches, chunk_size=args.chunk_size,
-                scored_length=scored or length,
+                scored_length=scored or length, share_prompt=step.share_prompt,
+                computed_tokens_per_step=(
+                    args.pairs * shared_prompt_length(length, scored or None)
+                    if step.share_prompt else tokens),
                 mesh=dict(mesh.shape), backend=jax.default_backend(),
                 device=str(mesh.devices.flat[0].device_kind), device_count=mesh.devices.size,
                 jax=jax.__version__)
