@@ -2,8 +2,8 @@
 # eva_jax's GPU speed checks (issue 10's targets) beside the Tunix peers. A session has about
 # 900 s of device time, machine start included, and one call may run 600 s: PART=1 (first
 # call) holds the comparisons the targets are about, each against its peer in the same call
-# (the default train step, mixed_precision.gin with the fused attention kernel, Tunix's DPO
-# step; the default sampler, Tunix's sampler); PART=2 (second call, with whatever time is
+# (the default train step, mixed_precision.gin, Tunix's DPO step; the default sampler,
+# Tunix's sampler); PART=2 (second call, with whatever time is
 # left) the rest, most telling first. Prepare once, on the CPU machine, from the project root
 # (.gpu is git-ignored; carry it with the run):
 #   mkdir -p .gpu && cp -r ../shared/bench .gpu/bench && bash .gpu/bench/tunix_wheels.sh .gpu/whl
@@ -79,29 +79,29 @@ case "$PART" in
     # Train step: the default (scanned layers, full remat, float32 params and Adam, XLA
     # attention, only the responses unembedded, each pair one row, its prompt once) and
     # mixed_precision.gin (bfloat16 params with a float32 master copy, bfloat16 first moment,
-    # remat "dots") with the fused attention kernel (two rows a pair: the kernel takes no
-    # packed mask), then Tunix. Compiled for one H200 by XLA:GPU without a GPU
-    # (--aot_topology h200-1) the two take 46.7 and 47.6 GiB with jax 0.10.2 (41.9 and 47.6
-    # with the GPU image's 0.11.2), Tunix's step 46.3; the first session's unrolled default,
-    # 37.2 compiled, peaked at 40.5 GiB on an H200 and Tunix at 53.7. Sampler: the default
-    # (threshold top-p, gathered bfloat16 params, one decode loop, XLA decode attention over
-    # the whole cache; float32 params as the loop holds them), then Tunix's.
+    # remat "dots"; one row a pair: XLA counts 97.6 TFLOP a step against 121.7 as two rows),
+    # then Tunix. Compiled for one H200 by XLA:GPU without a GPU (--aot_topology h200-1) the
+    # two take 46.7 and 44.3 GiB with jax 0.10.2 (41.9 for the default with the GPU image's
+    # 0.11.2), Tunix's step 46.3; the first session's unrolled default, 37.2 compiled, peaked
+    # at 40.5 GiB on an H200 and Tunix at 53.7. Sampler: the default (threshold top-p,
+    # gathered bfloat16 params, one decode loop, XLA decode attention over the whole cache;
+    # float32 params as the loop holds them), then Tunix's.
     train default ""
-    train mixed_precision_flash "--gin_file mixed_precision.gin --attention_impl flash"
+    train mixed_precision "--gin_file mixed_precision.gin"
     peer peer_tunix_dpo 4 512 512 12
     sampler default "--param_dtype float32"
     peer peer_tunix_generate 256 256 256 ;;
   2)
     # The decode kernel that reads the cache only up to each step's slot (attention_impl
-    # flash); mixed_precision.gin without the fused kernel (one row a pair: 44.3 GiB
-    # compiled, 20% fewer FLOPs than with two rows); the default train step with each pair as
-    # two rows, its prompt twice (as before share_prompt; 1.26x slower on a CPU at
+    # flash); mixed_precision.gin with the fused attention kernel (two rows a pair: the
+    # kernel takes no packed mask; 47.6 GiB compiled); the default train step with each pair
+    # as two rows, its prompt twice (as before share_prompt; 1.26x slower on a CPU at
     # gemma2_2b's widths); the fused attention kernels alone against XLA's at the train
     # step's shape (speed, and their agreement on the GPU); the default train step and
     # sampler without autotuning; the default with the kernel; the sort top-p the default
     # replaced and 4 decode segments (no faster on a CPU).
     sampler flash_decode "--param_dtype float32 --config_overrides {\"attention_impl\":\"flash\"}"
-    train mixed_precision "--gin_file mixed_precision.gin"
+    train mixed_precision_flash "--gin_file mixed_precision.gin --attention_impl flash"
     train default_two_rows "--no-share_prompt"
     step "attention: flash kernel against XLA"
     bounded "${ATTENTION_S:-60}" "$PYTHON" benchmarks/attention.py ${SMALL:+--batch 2 --length 64 \

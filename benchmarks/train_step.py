@@ -22,6 +22,8 @@ Reported:
   computed_tokens_per_step  tokens the step runs through the model: 2 * pairs * length, or
                     with `share_prompt` (on by default; --no-share_prompt turns it off)
                     pairs * (length + response positions), the prompt once per pair
+  computed_model_tflops_per_s, computed_mfu  the same less the prompt's second pass, which a
+                    packed step does not run (equal to the above without `share_prompt`)
   mfu               model FLOP/s / peak; peak from --peak_tflops, else a matmul in the
                     compute dtype measured in this run (`peak_source` says which)
   peak_memory_gib   the device allocator's peak (GPU/TPU); None on CPU, where
@@ -220,6 +222,10 @@ def main(argv=None):
   tokens = 2 * args.pairs * length
   n_params = cfg.num_params()
   flops = 6.0 * n_params * tokens + 2 * args.pairs * attention_flops_per_sequence(cfg, length)
+  # Packed, each prompt runs once: the model FLOPs less the prompt's second pass.
+  computed_flops = flops - (6.0 * n_params * args.pairs * args.prompt_len + args.pairs
+                            * attention_flops_per_sequence(cfg, args.prompt_len)
+                            if step.share_prompt else 0.0)
   result = dict(bench="eva_jax_train_step", config=args.config, config_overrides=overrides,
                 loss=args.loss, gin_files=args.gin_file, gin_bindings=args.gin_binding,
                 pairs=args.pairs, length=length, tokens_per_step=tokens, params=n_params,
@@ -285,8 +291,10 @@ def main(argv=None):
   peak_mem = stats.get("peak_bytes_in_use")
   model_tflops = flops / step_s / 1e12
   result.update(step_s=step_s, tokens_per_s=tokens / step_s, model_tflops_per_s=model_tflops,
+                computed_model_tflops_per_s=computed_flops / step_s / 1e12,
                 peak_tflops=peak, peak_source=source,
                 mfu=model_tflops / (peak * jax.device_count()),
+                computed_mfu=computed_flops / step_s / 1e12 / (peak * jax.device_count()),
                 peak_memory_gib=None if peak_mem is None else peak_mem / GIB,
                 host_max_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
                 final_loss=float(metrics["loss"]), steps=args.steps, warmup=args.warmup)
