@@ -424,6 +424,15 @@ class FitCheck:
     responses' bound). The projected FLOPs still count every position (the MFU convention)."""
     return min(self.cfg.max_new_tokens, self.cfg.max_length)
 
+  def _pair_rows(self, pairs: int, share_prompt: bool) -> tuple[int, int]:
+    """(sequences, tokens each) that `pairs` pairs run through the model: two rows of
+    max_length each, or one packed row, the prompt once."""
+    # pylint: disable=import-outside-toplevel
+    from eva_jax.solver import batch as batch_lib
+    if share_prompt:
+      return pairs, batch_lib.shared_prompt_length(self.cfg.max_length, self.scored_length())
+    return 2 * pairs, self.cfg.max_length
+
   def train_step(self) -> ProgramReport:
     # pylint: disable=import-outside-toplevel
     import jax
@@ -443,11 +452,8 @@ class FitCheck:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     steps = cfg.epochs * math.ceil(self.pairs_per_round() / cfg.batch_size)
-    sequences, length = 2 * cfg.batch_size, cfg.max_length
-    if step.share_prompt:  # one packed row per pair, the prompt once
-      sequences = cfg.batch_size
-      length = batch_lib.shared_prompt_length(cfg.max_length, self.scored_length())
-    flops = model_flops(self.policy.config, sequences, length, backward=True)
+    flops = model_flops(self.policy.config, *self._pair_rows(cfg.batch_size, step.share_prompt),
+                        backward=True)
     return self._report(
         "train_step", compiled, time.perf_counter() - start, self.train_state_gib, steps,
         KNOBS["train_step"], flops)
@@ -457,7 +463,6 @@ class FitCheck:
     import jax
     import jax.numpy as jnp
     from eva_jax import parallel, solver
-    from eva_jax.solver import batch as batch_lib
     if not self.loss_fn.needs_reference:
       return None
     batch_size = int(gin_value("reference_logps.batch_size", 64))
@@ -474,11 +479,7 @@ class FitCheck:
     with parallel.with_mesh_rules(self.mesh, self.rules):
       compiled = fn.lower(params, tokens, tokens).compile()
     calls = math.ceil(self.pairs_per_round() / batch_size)
-    sequences, length = 2 * batch_size, self.cfg.max_length
-    if fn.share_prompt:  # one packed row per pair, the prompt once
-      sequences = batch_size
-      length = batch_lib.shared_prompt_length(self.cfg.max_length, self.scored_length())
-    flops = model_flops(self.policy.config, sequences, length)
+    flops = model_flops(self.policy.config, *self._pair_rows(batch_size, fn.share_prompt))
     return self._report("reference_logps", compiled, time.perf_counter() - start,
                         self.params_gib, calls, KNOBS["reference_logps"], flops)
 

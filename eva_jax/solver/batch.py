@@ -111,8 +111,8 @@ def packed_pair_lengths(batch: Mapping[str, np.ndarray], pad_id: int) -> np.ndar
           & (np.asarray(batch["chosen_loss_mask"]) == 0)
           & (np.asarray(batch["rejected_loss_mask"]) == 0))
   shared = np.cumprod(same, axis=1).sum(axis=1)
-  ends = [np.where((x != pad_id).any(axis=1), x.shape[1] - np.argmax((x != pad_id)[:, ::-1],
-                                                                      axis=1), 0)
+  # Each row's last real token's slot + 1 (0 for an all-padding row).
+  ends = [np.max(np.where(x != pad_id, np.arange(x.shape[1]) + 1, 0), axis=1)
           for x in (chosen, rejected)]
   return ends[0] + ends[1] - shared
 
