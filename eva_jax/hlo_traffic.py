@@ -8,7 +8,8 @@ times their known trip counts) is charged the bytes of its operands and outputs,
 rules XLA's cost model uses for the cases that matter here:
 
 * a fusion's parameter that is only sliced inside it (dynamic-slice, slice, gather; through
-  bitcasts and nested fusions) costs the slices' bytes, not the whole operand's; one that is
+  bitcasts, elementwise ops and nested fusions) costs the slices' bytes, not the whole
+  operand's; one that is
   only the buffer a dynamic-update-slice writes into costs nothing (the update happens in
   place), and such a fusion's output costs the update's bytes;
 * parameters, constants, tuples, get-tuple-element and bitcasts are free, and so are arrays
@@ -46,6 +47,11 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "async-done", "all-reduce-done", "all-gather-done", "collective-permute-done",
          "send-done", "recv-done"}
 _SLICES = {"dynamic-slice", "slice", "gather"}
+# Elementwise ops: inside a fusion they are computed only where their result is read, so a
+# parameter that reaches a slice through them costs the slice.
+_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate",
+                "abs", "exponential", "log", "tanh", "convert", "compare", "select", "and",
+                "or", "not", "clamp", "sqrt", "rsqrt", "power", "sign", "floor", "ceil"}
 _CALLS = {"call", "async-start"}
 _LAYER = re.compile(r"(layer|block)_\d+")
 
@@ -54,6 +60,12 @@ def _dtype_bytes(dtype: str) -> float:
   if dtype.startswith("f8") or dtype.startswith("f4"):
     return 1 if dtype.startswith("f8") else 0.5
   return _DTYPE_BYTES.get(dtype, 4)
+
+
+def _dims(shape: str) -> Optional[str]:
+  """The dimensions of an array shape ("f32[4,8]{1,0}" -> "4,8"), None for a tuple."""
+  m = _ARRAY.match(shape.strip())
+  return m.group(2) if m and not shape.strip().startswith("(") else None
 
 
 def shape_bytes(shape: str) -> float:
@@ -193,6 +205,7 @@ class _Walker:
     self.comps = comps
     self._user_cache: dict[str, dict] = {}
     self._comp_bytes: dict[str, float] = {}
+    self._read_cache: dict[tuple, float] = {}
     self.shapes = {c: {i.name: i.shape for i in instrs} for c, instrs in comps.items()}
 
   def _users(self, comp: str) -> dict[str, list[tuple[Instr, int]]]:
@@ -226,6 +239,12 @@ class _Walker:
 
   def _value_read_bytes(self, comp: str, value: Instr, full: float) -> float:
     """Bytes the rest of fused computation `comp` reads of `value` (whole size `full`)."""
+    key = (comp, value.name, full)  # elementwise chains fan out and meet again: walk once
+    if key not in self._read_cache:
+      self._read_cache[key] = self._walk_reads(comp, value, full)
+    return self._read_cache[key]
+
+  def _walk_reads(self, comp: str, value: Instr, full: float) -> float:
     if self._reaches_root(comp, value):
       return full  # the fusion writes it out whole, so it reads it whole
     uses = self._uses(comp, value.name)
@@ -237,6 +256,10 @@ class _Walker:
     for user, k in uses:
       if user.opcode in _SLICES and k == 0:
         read += shape_bytes(user.shape)  # reads what it slices
+      elif user.opcode in _ELEMENTWISE and _dims(user.shape) == _dims(value.shape):
+        # e.g. the logits times the soft-cap, then the picked token's gathered: what is read
+        # of the result is what is read of the value.
+        read += self._value_read_bytes(comp, user, full)
       elif user.opcode == "fusion":
         nested = user.attr("calls")
         param = self._param(nested, k)

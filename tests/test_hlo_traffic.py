@@ -180,3 +180,72 @@ def test_the_sampler_benchmark_reports_a_decode_steps_bytes(benchmark_script):
   parts = [gb for _, gb in compiled["hlo_decode_step_top_gb"]]
   assert parts and parts == sorted(parts, reverse=True)
   assert sum(parts) <= compiled["hlo_decode_step_gb"] * 1.001
+
+
+_GATHER_THROUGH_ELEMENTWISE = """HloModule m, entry_computation_layout={()->f32[]}
+
+%fused_pick (param_0.1: f32[64,4096], param_1.1: s32[64,2]) -> f32[64] {
+  %param_0.1 = f32[64,4096]{1,0} parameter(0)
+  %c = f32[] constant(30)
+  %b = f32[64,4096]{1,0} broadcast(%c), dimensions={}
+  %scaled = f32[64,4096]{1,0} multiply(%param_0.1, %b)
+  %param_1.1 = s32[64,2]{1,0} parameter(1)
+  %g = f32[64,1,1]{2,1,0} gather(%scaled, %param_1.1), offset_dims={1,2}, collapsed_slice_dims={}, start_index_map={0,1}, index_vector_dim=1, slice_sizes={1,1}
+  ROOT %r = f32[64]{0} bitcast(%g)
+}
+
+%fused_sum (param_0.2: f32[64,4096]) -> f32[64] {
+  %param_0.2 = f32[64,4096]{1,0} parameter(0)
+  %c2 = f32[] constant(30)
+  %b2 = f32[64,4096]{1,0} broadcast(%c2), dimensions={}
+  %scaled2 = f32[64,4096]{1,0} multiply(%param_0.2, %b2)
+  %zero = f32[] constant(0)
+  ROOT %s = f32[64]{0} reduce(%scaled2, %zero), dimensions={1}, to_apply=%add
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%body (arg.1: (s32[], f32[64,4096], s32[64,2], f32[64], f32[64])) -> (s32[], f32[64,4096], s32[64,2], f32[64], f32[64]) {
+  %arg.1 = (s32[], f32[64,4096]{1,0}, s32[64,2]{1,0}, f32[64]{0}, f32[64]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg.1), index=0
+  %x = f32[64,4096]{1,0} get-tuple-element(%arg.1), index=1
+  %ids = s32[64,2]{1,0} get-tuple-element(%arg.1), index=2
+  %picked = f32[64]{0} fusion(%x, %ids), kind=kLoop, calls=%fused_pick, metadata={op_name="jit(f)/while/body/pick"}
+  %summed = f32[64]{0} fusion(%x), kind=kInput, calls=%fused_sum, metadata={op_name="jit(f)/while/body/sum"}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[64,4096]{1,0}, s32[64,2]{1,0}, f32[64]{0}, f32[64]{0}) tuple(%next, %x, %ids, %picked, %summed)
+}
+
+%cond (arg.2: (s32[], f32[64,4096], s32[64,2], f32[64], f32[64])) -> pred[] {
+  %arg.2 = (s32[], f32[64,4096]{1,0}, s32[64,2]{1,0}, f32[64]{0}, f32[64]{0}) parameter(0)
+  %limit = s32[] constant(3)
+  %count = s32[] get-tuple-element(%arg.2), index=0
+  ROOT %lt = pred[] compare(%count, %limit), direction=LT
+}
+
+ENTRY %main () -> f32[] {
+  %start = s32[] constant(0)
+  %x0 = f32[64,4096]{1,0} constant({...})
+  %ids0 = s32[64,2]{1,0} constant({...})
+  %p0 = f32[64]{0} constant({...})
+  %init = (s32[], f32[64,4096]{1,0}, s32[64,2]{1,0}, f32[64]{0}, f32[64]{0}) tuple(%start, %x0, %ids0, %p0, %p0)
+  %loop = (s32[], f32[64,4096]{1,0}, s32[64,2]{1,0}, f32[64]{0}, f32[64]{0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_a_gather_through_elementwise_ops_costs_what_it_gathers():
+  """One logit a row gathered from the logits times a constant (the sampler's picked token,
+  with the soft-cap's multiplication fused in) reads 64 floats, not the [64, 4096] operand;
+  a reduction through the same multiplication reads all of it."""
+  loop = _only_loop(_GATHER_THROUGH_ELEMENTWISE)
+  parts = dict(loop.by_op_name)
+  ids, out = 64 * 2 * 4, 64 * 4
+  assert parts["pick"] == 64 * 4 + ids + out
+  assert parts["sum"] == 64 * 4096 * 4 + out
