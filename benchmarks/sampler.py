@@ -33,7 +33,8 @@ are charged their whole operands (`hlo_decode_step_custom_call_gb` says how much
 that is), so the decode kernel's partial reads of the cache count as whole ones.
 
 Token selection alone (`--top_p_bench`, or `--top_p_bench_only` to skip the model): compiles
-and times one decode step's `sample_tokens` (temperature, top-p, Gumbel-max) on float32
+and times one decode step's `sample_tokens_and_logprobs` (temperature, top-p, Gumbel-max,
+the token's log-prob) on float32
 [batch * num_samples, vocab] logits of a random-weight-like spread (near-flat: the nucleus is
 most of the vocabulary, the worst case) for each of `--top_p_bench_methods` and, for the
 threshold search, each of `--top_p_bench_bits`; reports compile_s, run_s (median) and whether
@@ -161,25 +162,19 @@ def top_p_bench(rows: int, vocab: int, methods, bits_list, top_p: float, tempera
   for method in methods:
     for bits in (bits_list if method == "threshold" else [None]):
       def select(keys, logits, temperature, top_p, method=method, bits=bits):
-        if bits is not None:  # sample_tokens' steps, with `bits` passed to the search
-          scaled = logits / temperature
-          keep = None if top_k is None else sampling.top_k_mask(scaled, top_k)
-          keep = sampling.nucleus_mask_threshold(scaled, top_p, keep, bits=bits)
-          gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
-          return jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + gumbel, -1).astype(jnp.int32)
-        return sampling.sample_tokens(keys, logits, greedy=False, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, use_top_p=True,
-                                      top_p_method=method)
+        return sampling.sample_tokens_and_logprobs(
+            keys, logits, greedy=False, temperature=temperature, top_k=top_k, top_p=top_p,
+            use_top_p=True, top_p_method=method, bits=bits or sampling.THRESHOLD_BITS)
       start = time.perf_counter()
       compiled = jax.jit(select).lower(keys, logits, jnp.float32(temperature),
                                        jnp.float32(top_p)).compile()
       compile_s = time.perf_counter() - start
       args = (keys, logits, jnp.float32(temperature), jnp.float32(top_p))
-      compiled(*args).block_until_ready()
+      jax.block_until_ready(compiled(*args))
       times = []
       for _ in range(max(1, iters)):
         start = time.perf_counter()
-        compiled(*args).block_until_ready()
+        jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
       results.append(dict(method=method, bits=bits, compile_s=compile_s,
                           run_s=statistics.median(times), run_s_all=times,

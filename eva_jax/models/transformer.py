@@ -132,13 +132,20 @@ class Embedder(nn.Module):
     # sqrt(D) is rounded to the compute dtype first, as both Gemma and HF do.
     return x * jnp.asarray(math.sqrt(self.config.embed_dim), dtype)
 
-  def decode(self, x: Array) -> Array:
-    """Hidden [..., D] -> float32 logits [..., V], soft-capped when the config says so."""
+  def decode(self, x: Array, over_cap: bool = False) -> Array:
+    """Hidden [..., D] -> float32 logits [..., V], soft-capped when the config says so.
+
+    over_cap: return the logits divided by the soft-cap instead, tanh(z / cap) (the logits
+    as they are when no cap is set): the sampler reads these in place, where multiplying them
+    by the cap would write a second [rows, vocab] array every decode step.
+    """
     table = self.input_embedding.astype(x.dtype)
     logits = jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
     cap = self.config.final_logit_softcap
     if cap:
-      logits = jnp.tanh(logits / cap) * cap
+      logits = jnp.tanh(logits / cap)
+      if not over_cap:
+        logits = logits * cap
     return logits
 
 
@@ -523,17 +530,20 @@ class Transformer(nn.Module):
     x = self.final_norm(x)
     return x, new_cache
 
-  def unembed(self, hidden: Array) -> Array:
-    """Final-normed hidden [..., D] -> float32 logits [..., V]."""
-    return self.embedder.decode(hidden)
+  def unembed(self, hidden: Array, over_cap: bool = False) -> Array:
+    """Final-normed hidden [..., D] -> float32 logits [..., V] (`Embedder.decode`'s
+    `over_cap`: divided by the config's final_logit_softcap, when it has one)."""
+    return self.embedder.decode(hidden, over_cap)
 
   def __call__(self, input_ids: Array, positions: Optional[Array] = None,
                attention_mask: Optional[Array] = None, cache: Optional[Cache] = None,
-               cache_index: Optional[Array] = None, return_hidden: bool = False):
-    """Logits [B, T, V] (float32), or hidden states with `return_hidden`; with a cache, also
-    returns the new cache."""
+               cache_index: Optional[Array] = None, return_hidden: bool = False,
+               logits_over_cap: bool = False):
+    """Logits [B, T, V] (float32; divided by the final soft-cap with `logits_over_cap`), or
+    hidden states with `return_hidden`; with a cache, also returns the new cache."""
     x, new_cache = self.hidden_states(input_ids, positions, attention_mask, cache, cache_index)
-    out = x if return_hidden else nn.with_logical_constraint(self.unembed(x), ACT_VOCAB)
+    out = x if return_hidden else nn.with_logical_constraint(self.unembed(x, logits_over_cap),
+                                                             ACT_VOCAB)
     return (out, new_cache) if cache is not None else out
 
 

@@ -576,7 +576,11 @@ class Sampler:
               jax.lax.dynamic_update_slice(big, part.astype(big.dtype), (0,) * big.ndim), s),
           target, small, self.cache_shardings(rows, width))
 
-    logits = repeat(apply(hidden[:, -1], method="unembed"))  # [R, V] float32
+    # The logits over the soft-cap (when the model has one): the token choice reads them where
+    # the unembedding wrote them and applies the cap itself (`sampling.sample_tokens_and_
+    # logprobs`' logit_unit), with no multiplied copy written every step.
+    over_cap = bool(cfg.final_logit_softcap)
+    logits = repeat(apply(hidden[:, -1], over_cap, method="unembed"))  # [R, V] float32
 
     # Generated slots are valid from the start; causality hides the ones not written yet.
     attention_mask = jnp.concatenate([repeat(prompt_mask), jnp.ones((rows, max_new), bool)],
@@ -589,10 +593,10 @@ class Sampler:
 
     def pick(logits, step):
       keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-      tok = sampling.sample_tokens(keys, logits, greedy=greedy, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, use_top_p=use_top_p,
-                                   top_p_method=self.top_p_method)
-      return tok, sampling.token_logprobs(logits, tok)
+      return sampling.sample_tokens_and_logprobs(
+          keys, logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+          use_top_p=use_top_p, top_p_method=self.top_p_method,
+          logit_unit=cfg.final_logit_softcap if over_cap else None)
 
     def is_stop(tok):
       return jnp.any(tok[:, None] == stop_ids, axis=-1)
@@ -612,7 +616,8 @@ class Sampler:
       step, cache, last, done, stopped, lengths, out_tokens, out_logprobs = state
       slot = p_len + step - 1  # where the previous token goes
       logits, cache = apply(last[:, None], positions=(next_position + step - 1)[:, None],
-                            attention_mask=window, cache=cache, cache_index=slot)
+                            attention_mask=window, cache=cache, cache_index=slot,
+                            logits_over_cap=over_cap)
       tok, lp = pick(logits[:, 0], step)
       active = ~done
       tok = jnp.where(active, tok, cfg.pad_id)

@@ -5,7 +5,8 @@ run inside the sampler's jitted loop, so nothing syncs with the host.
 
 Conventions:
 
-* Filters are applied in HF's order: temperature, then top-k, then top-p on what top-k kept.
+* Filters are applied in HF's order: temperature (the logits times 1 / temperature), then
+  top-k, then top-p on what top-k kept.
 * Ties at a boundary are kept together: top-k keeps every token whose logit equals the k-th
   largest, and top-p keeps every token whose logit equals the last one the nucleus needs.
 * The nucleus for `top_p` is the smallest set of highest-probability tokens whose mass
@@ -41,6 +42,14 @@ the target. 32 bits = one pass of 32 mod `bits` (or `bits`) bits, then a loop of
   array. Only tokens inside the pass's interval [prefix, hi) are summed; the mass above hi was
   measured by an earlier pass and is carried. With the row max, a step reads [R, V]
   1 + ceil(32 / bits) times (12 for bits=3) and writes nothing of that size.
+* The sampler's step (`sample_tokens_and_logprobs`) hands the search the values the
+  unembedding wrote (a Gemma 2's tanh(z / cap), before the cap's `* cap`) with the
+  temperature and the cap as one `logit_scale` for the masses (`nucleus_threshold`), and
+  draws the token and sums the log-prob's normaliser in one more pass: 13 reads of [R, V] a
+  step and no write, where drawing from a tempered copy and a separate log-softmax took 15
+  reads and a write (XLA:GPU, an H200 decode step of gemma2_2b at 256 rows, compiled here:
+  27.5 -> 26.8 GB; XLA:TPU, one v5p chip: 27.5 either way, as it writes tanh's output apart
+  from the unembedding's matmul).
 * Summation order is fixed by blocking: [R, V] is viewed as [R, q, k] (k a divisor of V near
   sqrt(V); -inf padding when V has none), reduced over k and then over q. A flat variadic
   reduce is a plain sequential loop on XLA:CPU (relative error 4e-4 measured on 256k weights,
@@ -156,36 +165,57 @@ def _blocked_sums(operands: list) -> Array:
   return jnp.stack(jax.lax.reduce(tuple(partial), zeros, add, (1,)), axis=-1)
 
 
-def nucleus_mask_threshold(logits: Array, top_p: Array, keep: Optional[Array] = None, *,
-                           bits: int = THRESHOLD_BITS) -> Array:
-  """bool [R, V]: the top-p nucleus of softmax(logits) restricted to `keep`, without a sort.
+def _row_blocks(x: Array, fill) -> Array:
+  """[R, V] viewed as [R, q, k] (k = `_block_size(V)`), the tail padded with `fill`."""
+  rows, vocab = x.shape
+  k = _block_size(vocab)
+  q = -(-vocab // k)
+  if q * k != vocab:
+    x = jnp.pad(x, ((0, 0), (0, q * k - vocab)), constant_values=fill)
+  return x.reshape(rows, q, k)
 
-  Same contract and result as `nucleus_mask_sort` (up to float32 rounding of the masses, at
-  tokens whose mass before them is within ~1e-6 of top_p); see the module docstring for the
-  method. Rows that are entirely -inf (or outside `keep`) give `keep` (all True without it).
+
+def nucleus_threshold(logits: Array, top_p: Array, keep: Optional[Array] = None, *,
+                      bits: int = THRESHOLD_BITS, logit_scale: Optional[Array] = None,
+                      row_max: Optional[Array] = None) -> Array:
+  """float32 [R]: tau, the nucleus of softmax(logits * logit_scale) being {logits >= tau}
+  (& keep), found without a sort.
+
+  The search of `nucleus_mask_threshold` (module docstring), returning the threshold instead
+  of the mask so that a caller can apply it in a pass it runs anyway (`sample_tokens_and_
+  logprobs` draws the token in that pass). Rows with nothing finite (or nothing in `keep`)
+  give -inf: everything.
 
   Args:
-    logits: float32 [R, V], already divided by the temperature.
+    logits: float32 [R, V].
     top_p: float32 scalar or [R].
     keep: optional bool [R, V]; tokens outside it (e.g. cut by top-k) have no mass and are
       never in the nucleus.
     bits: static, 1..8: bits of the threshold fixed per pass over the vocabulary (2^bits - 1
       masses per pass, ceil(32 / bits) passes).
+    logit_scale: optional positive float32 scalar (1 / temperature, times the unit the logits
+      are given in): the masses are those of softmax(logits * logit_scale), weights
+      exp((logit - max) * logit_scale), while tau
+      stays a threshold on `logits` as given. So no scaled [R, V] copy is written and read
+      back, and the caller's mask `logits >= tau` compares the very values the search did:
+      a scaled value recomputed in another fusion may round differently (XLA:GPU turned
+      (x * 30) * c, a soft-capped logit over the temperature, into x * (30 * c) in some
+      fusions and not others), and one ulp there can empty a one-token nucleus.
+      Ties are kept together at the resolution of `logits`.
+    row_max: optional float32 [R], the row max of `logits` in `keep`, when the caller has it
+      (one pass fewer).
   """
   if not 1 <= bits <= 8:
     raise ValueError(f"bits={bits!r}: use 1..8 bits per pass.")
   logits = logits.astype(jnp.float32)
   if keep is not None:
     logits = jnp.where(keep, logits, _NEG_INF)
-  rows, vocab = logits.shape
-  row_max = jnp.max(logits, axis=-1)
+  rows = logits.shape[0]
+  blocks = _row_blocks(logits, _NEG_INF)
+  if row_max is None:
+    row_max = jnp.max(logits, axis=-1)
   shift_by = jnp.where(row_max == _NEG_INF, 0.0, row_max)[:, None, None]  # all -inf: no NaN
-  k = _block_size(vocab)
-  q = -(-vocab // k)
-  blocks = logits
-  if q * k != vocab:
-    blocks = jnp.pad(logits, ((0, 0), (0, q * k - vocab)), constant_values=_NEG_INF)
-  blocks = blocks.reshape(rows, q, k)
+  scale = (lambda x: x) if logit_scale is None else (lambda x: x * logit_scale)
   top_p = jnp.broadcast_to(jnp.reshape(jnp.asarray(top_p, jnp.float32), (-1,)), (rows,))
 
   def choose(masses, target, prefix, hi, above, shift, n):
@@ -204,7 +234,7 @@ def nucleus_mask_threshold(logits: Array, top_p: Array, keep: Optional[Array] = 
   n0 = (1 << first) - 1
   shift0 = jnp.uint32(32 - first)
   lows = _key_to_float(jnp.arange(1, n0 + 1, dtype=jnp.uint32) << shift0)  # [n0]
-  weights = jnp.exp(blocks - shift_by)
+  weights = jnp.exp(scale(blocks - shift_by))
   sums = _blocked_sums([jnp.where(blocks >= lows[d], weights, 0.0) for d in range(n0)]
                        + [weights])
   target = top_p * sums[:, -1]
@@ -222,14 +252,29 @@ def nucleus_mask_threshold(logits: Array, top_p: Array, keep: Optional[Array] = 
     lows = _key_to_float(prefix[:, None] + (digits << shift))[:, None, :]  # [R, 1, n]
     high = _key_to_float(hi)[:, None, None]
     # Tokens at or above `high` are in `above`; min() keeps exp's argument pass-dependent.
-    weights = jnp.where(blocks < high, jnp.exp(jnp.minimum(blocks, high) - shift_by), 0.0)
+    weights = jnp.where(blocks < high,
+                        jnp.exp(scale(jnp.minimum(blocks, high) - shift_by)), 0.0)
     sums = _blocked_sums([jnp.where(blocks >= lows[..., d:d + 1], weights, 0.0)
                           for d in range(n)])
     return choose(above[:, None] + sums, target, prefix, hi, above, shift, n)
 
   prefix, _, _ = jax.lax.fori_loop(0, num_passes, one_pass, state)
-  tau = jnp.minimum(_key_to_float(prefix), row_max)  # all -inf rows: tau = -inf, keep all
-  mask = logits >= tau[:, None]
+  # A row with nothing to keep ends at the largest key (its target is 0): -inf keeps it all.
+  return jnp.where(row_max == _NEG_INF, _NEG_INF, _key_to_float(prefix))
+
+
+def nucleus_mask_threshold(logits: Array, top_p: Array, keep: Optional[Array] = None, *,
+                           bits: int = THRESHOLD_BITS) -> Array:
+  """bool [R, V]: the top-p nucleus of softmax(logits) restricted to `keep`, without a sort.
+
+  Same contract and result as `nucleus_mask_sort` (up to float32 rounding of the masses, at
+  tokens whose mass before them is within ~1e-6 of top_p); see the module docstring for the
+  method and `nucleus_threshold` for the arguments (`logits` already divided by the
+  temperature). Rows that are entirely -inf (or outside `keep`) give `keep` (all True
+  without it).
+  """
+  tau = nucleus_threshold(logits, top_p, keep, bits=bits)
+  mask = logits.astype(jnp.float32) >= tau[:, None]
   return mask if keep is None else mask & keep
 
 
@@ -314,31 +359,118 @@ def filter_mask(scaled_logits: Array, top_k: Optional[int], top_p: Array, use_to
   return keep
 
 
+def _argmax_and_sum(scores: Array, weights: Array) -> tuple[Array, Array]:
+  """int32 [R] argmax of `scores` (the first index on ties, like jnp.argmax) and float32 [R]
+  sum of `weights`, both [R, V], in one blocked variadic reduction: one read of whatever the
+  two are computed from, in a fixed summation order (see `_blocked_sums`)."""
+  rows, vocab = scores.shape
+  index = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+  operands = (_row_blocks(scores, _NEG_INF), _row_blocks(index, vocab),
+              _row_blocks(weights, 0.0))
+
+  def combine(a, b):
+    (va, ia, sa), (vb, ib, sb) = a, b
+    # NaN counts as the largest value, as in jnp.argmax; the rule is symmetric in a and b,
+    # as a reduction's must be.
+    nan_a, nan_b = jnp.isnan(va), jnp.isnan(vb)
+    same = (va == vb) | (nan_a & nan_b)
+    take_a = (va > vb) | (nan_a & ~nan_b) | (same & (ia < ib))
+    return jnp.where(take_a, va, vb), jnp.where(take_a, ia, ib), sa + sb
+
+  init = (jnp.float32(_NEG_INF), jnp.int32(vocab), jnp.float32(0))
+  partial = jax.lax.reduce(operands, init, combine, (2,))
+  _, best, total = jax.lax.reduce(partial, init, combine, (1,))
+  return best, total
+
+
+def _argmax_then_sum(scores: Array, weights: Array) -> tuple[Array, Array]:
+  return jnp.argmax(scores, axis=-1).astype(jnp.int32), jnp.sum(weights, axis=-1)
+
+
+def _draw(scores: Array, weights: Array) -> tuple[Array, Array]:
+  """(argmax of scores, sum of weights) per row: one blocked reduction on GPUs, where XLA does
+  not fuse the two plain ones (a read of the logits saved); two plain ones elsewhere, since
+  XLA:TPU relays out the blocked view's operands (1.05 GB more at 256 rows of 256k, compiled
+  for a v5p chip); on the CPU they are the log-softmax's own."""
+  return jax.lax.platform_dependent(scores, weights, cuda=_argmax_and_sum,
+                                    rocm=_argmax_and_sum, default=_argmax_then_sum)
+
+
 def sample_tokens(row_keys: Array, logits: Array, *, greedy: bool, temperature: Array,
                   top_k: Optional[int], top_p: Array, use_top_p: bool,
-                  top_p_method: str = DEFAULT_TOP_P_METHOD) -> Array:
-  """One token per row: int32 [R].
+                  top_p_method: str = DEFAULT_TOP_P_METHOD, bits: int = THRESHOLD_BITS,
+                  logit_unit: Optional[float] = None) -> Array:
+  """One token per row: int32 [R] (`sample_tokens_and_logprobs`' tokens; same arguments)."""
+  return sample_tokens_and_logprobs(
+      row_keys, logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+      use_top_p=use_top_p, top_p_method=top_p_method, bits=bits, logit_unit=logit_unit)[0]
+
+
+def sample_tokens_and_logprobs(row_keys: Array, logits: Array, *, greedy: bool,
+                               temperature: Array, top_k: Optional[int], top_p: Array,
+                               use_top_p: bool, top_p_method: str = DEFAULT_TOP_P_METHOD,
+                               bits: int = THRESHOLD_BITS,
+                               logit_unit: Optional[float] = None) -> tuple[Array, Array]:
+  """One token per row and its log-prob: (int32 [R], float32 [R]).
+
+  The log-prob is `token_logprobs`': log softmax(logits)[token] at temperature 1, unfiltered.
+  The tempered logits are logits * (1 / temperature). With the threshold top-p (and no top-k)
+  a step reads the float32 [R, V] array it is given 2 + ceil(32 / bits) times (13 for
+  bits=3) and writes nothing of that size: its row max; the threshold search's passes, which
+  search the values as given and weigh them by the tempered softmax (`nucleus_threshold`);
+  and one last pass that masks, adds the Gumbel noise, takes the argmax and sums exp(logit -
+  max) for the log-prob's normaliser (one blocked reduction on GPUs, `_draw`). (Drawing from
+  a tempered copy and taking the log-prob by a separate log-softmax read the logits 15 times
+  and wrote the copy.) Top-k and the nucleus keep ties at the resolution of the values as given (the
+  sort and radix methods: of the tempered logits).
 
   Args:
     row_keys: [R] PRNG keys, one per row (ignored when greedy).
-    logits: float32 [R, V].
+    logits: float32 [R, V]: the logits, or the logits divided by `logit_unit`.
     greedy: static; argmax (first index on ties), ignoring the other settings.
     temperature: positive float32 scalar (traced: changing it does not recompile).
     top_k: static int or None.
     top_p: float32 scalar (traced); only used when the static `use_top_p` is set.
     top_p_method: "threshold" (exact, no sort; the default), "radix" (the first no-sort
       version, slow to compile on GPU) or "sort" (reference).
+    bits: static; the threshold search's bits per pass.
+    logit_unit: static positive float or None: `logits` hold logits / logit_unit, e.g. a
+      Gemma 2's tanh(z / cap) before the soft-cap's final `* cap`
+      (`Transformer(logits_over_cap=True)`), which the search can then read where the
+      unembedding wrote them, instead of a multiplied copy; the log-probs are those of the
+      logits, logits * logit_unit.
   """
+  given = logits.astype(jnp.float32)
+  unit = 1.0 if logit_unit is None else float(logit_unit)
+  logits = given if logit_unit is None else given * unit
   if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = logits.astype(jnp.float32) / temperature
-  keep = filter_mask(scaled, top_k, top_p, use_top_p, top_p_method)
-  if keep is not None:
-    scaled = jnp.where(keep, scaled, _NEG_INF)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, token_logprobs(logits, tokens)
+  if top_p_method not in TOP_P_METHODS:
+    raise ValueError(f"top_p_method={top_p_method!r}: use one of {TOP_P_METHODS}.")
+  given_max = jnp.max(given, axis=-1)
+  # Within an ulp of the logits' max: the log-softmax's shift (any nearby value is exact).
+  shift = jnp.where(given_max == _NEG_INF, 0.0, given_max * unit)  # a row of -inf: no NaN
+  logit_scale = 1 / jnp.asarray(temperature, jnp.float32)
+  scaled = logits * logit_scale
+  if use_top_p and top_p_method == "threshold":
+    # Top-k and the nucleus on the values as given (the order of the tempered logits, ties at
+    # the given values' resolution), with the tempered masses; see `nucleus_threshold`.
+    keep = None if top_k is None or top_k >= given.shape[-1] else top_k_mask(given, top_k)
+    tau = nucleus_threshold(given, top_p, keep, bits=bits, logit_scale=logit_scale * unit,
+                            row_max=given_max)
+    allowed = given >= tau[:, None]
+    allowed = allowed if keep is None else allowed & keep
+  else:
+    allowed = filter_mask(scaled, top_k, top_p, use_top_p, top_p_method)
+  if allowed is not None:
+    scaled = jnp.where(allowed, scaled, _NEG_INF)
   # Gumbel-max: argmax(l + g) with g ~ Gumbel(0, 1) draws from softmax(l); per-row keys keep
   # each row's draw independent of the rest of the batch.
-  gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(row_keys)
-  return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+  gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(row_keys)
+  tokens, total = _draw(scaled + gumbel, jnp.exp(logits - shift[:, None]))
+  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+  return tokens, picked - (shift + jnp.log(total))
 
 
 def token_logprobs(logits: Array, tokens: Array) -> Array:

@@ -208,6 +208,14 @@ def test_hidden_then_unembed_equals_logits_and_softcap_bounds_logits():
   np.testing.assert_allclose(model.apply({"params": params}, hidden, method="unembed"), logits,
                              atol=1e-6)
   assert float(jnp.max(jnp.abs(logits))) <= 0.5
+  # Over the cap (what the sampler reads): tanh's output, the logits once times the cap.
+  over = model.apply({"params": params}, ids, logits_over_cap=True)
+  np.testing.assert_array_equal(over * jnp.float32(0.5), logits)
+  assert float(jnp.max(jnp.abs(over))) <= 1.0 and float(jnp.max(jnp.abs(over))) > 0.6
+  # Without a cap (Gemma 1) they are the logits.
+  plain = Transformer(cfg.replace(final_logit_softcap=None))
+  np.testing.assert_array_equal(plain.apply({"params": params}, ids, logits_over_cap=True),
+                                plain.apply({"params": params}, ids))
 
 
 def test_classifier_reads_last_real_token():

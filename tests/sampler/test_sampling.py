@@ -33,8 +33,9 @@ TOP_PS = (1e-6, 0.05, 0.5, 0.9, 0.999999, 1.0)
 MARGIN = 2e-6
 
 
-def _nucleus64(logits, top_p, keep=None):
-  """float64 nucleus of float32 logits, and per token |mass before its tie group - top_p|.
+def _nucleus64(logits, top_p, keep=None, scale=1.0):
+  """float64 nucleus of softmax(float32 logits * scale), and per token |mass before its tie
+  group - top_p|.
 
   Tokens with equal logits form one group (all in or all out); top_p is rounded to float32 as
   the device sees it. Rows with nothing finite are kept whole (& keep), like the sort.
@@ -48,7 +49,7 @@ def _nucleus64(logits, top_p, keep=None):
     if not np.any(np.isfinite(z[r])):
       out[r] = True
       continue
-    p = np.exp(z[r] - z[r].max())
+    p = np.exp((z[r] - z[r].max()) * scale)
     p /= p.sum()
     values, group = np.unique(-z[r], return_inverse=True)  # groups, largest logit first
     mass = np.bincount(group, weights=p, minlength=len(values))
@@ -235,6 +236,134 @@ def test_top_k_one_and_greedy_pick_the_argmax_and_rows_are_independent():
   full = sampling.sample_tokens(_keys(16), logits, **kw)
   half = sampling.sample_tokens(_keys(16)[8:], logits[8:], **kw)
   np.testing.assert_array_equal(full[8:], half)
+
+
+def _mask_then_argmax(keys, logits, temperature, top_k, top_p, use_top_p, method):
+  """Token selection the long way: a tempered copy, the nucleus as a mask (the threshold
+  method's from the logits as given with the tempered masses, as the fused draw defines it;
+  the sort's from the copy), Gumbel-max, then a separate log-softmax."""
+  scale = 1 / jnp.float32(temperature)
+  scaled = logits * scale
+  keep = None
+  if method == "threshold":
+    keep = None if top_k is None else sampling.top_k_mask(logits, top_k)
+    if use_top_p:
+      tau = sampling.nucleus_threshold(logits, jnp.float32(top_p), keep, logit_scale=scale)
+      keep = logits >= tau[:, None] if keep is None else (logits >= tau[:, None]) & keep
+  else:
+    keep = None if top_k is None else sampling.top_k_mask(scaled, top_k)
+    if use_top_p:
+      keep = METHODS[method](scaled, jnp.float32(top_p), keep)
+  if keep is not None:
+    scaled = jnp.where(keep, scaled, -jnp.inf)
+  gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
+  tokens = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+  return tokens, sampling.token_logprobs(logits, tokens)
+
+
+@pytest.mark.parametrize("method", ["threshold", "sort"])
+@pytest.mark.parametrize("vocab", [257, 1000])  # 257: the blocked passes pad the row
+def test_sample_tokens_and_logprobs_equal_the_mask_then_argmax_reference(method, vocab):
+  """One fused token draw (the search on unscaled logits, the draw and the log-prob's
+  normaliser in one pass) gives the same tokens as masking a scaled copy and taking the
+  argmax, and the same log-probs as a log-softmax, across temperatures, top-k and top-p."""
+  rng = np.random.default_rng(vocab)
+  logits = _random_logits(rng, 24, vocab)
+  logits[0, :20] = logits[0, :1]  # ties at the top
+  logits[1, 9:] = -np.inf  # masked tokens
+  logits[2, ::2] = np.round(logits[2, ::2])
+  logits = jnp.asarray(logits)
+  fused = jax.jit(sampling.sample_tokens_and_logprobs, static_argnames=(
+      "greedy", "top_k", "use_top_p", "top_p_method", "bits"))
+  reference = jax.jit(_mask_then_argmax, static_argnums=(3, 5, 6))
+  seen = set()
+  for seed, (temperature, top_k, top_p, use_top_p) in enumerate([
+      (0.7, None, 0.9, True), (1.0, None, 0.5, True), (2.5, None, 0.999999, True),
+      (0.7, 5, 0.9, True), (1.3, None, 1.0, False), (0.7, 40, 1.0, False)]):
+    keys = _keys(24, seed)
+    got_tok, got_lp = fused(keys, logits, greedy=False, temperature=jnp.float32(temperature),
+                            top_k=top_k, top_p=jnp.float32(top_p), use_top_p=use_top_p,
+                            top_p_method=method)
+    want_tok, want_lp = reference(keys, logits, temperature, top_k, top_p, use_top_p, method)
+    np.testing.assert_array_equal(got_tok, want_tok)
+    np.testing.assert_allclose(got_lp, want_lp, rtol=0, atol=2e-6)
+    assert np.all(np.asarray(got_tok) < vocab)
+    seen.update(np.asarray(got_tok).tolist())
+  assert len(seen) > 24  # the draws vary: the check compares something
+  # Greedy: the argmax, and the same log-softmax.
+  tok, lp = sampling.sample_tokens_and_logprobs(_keys(24), logits, greedy=True, temperature=1.0,
+                                                top_k=None, top_p=1.0, use_top_p=False)
+  np.testing.assert_array_equal(tok, np.argmax(np.asarray(logits), -1))
+  np.testing.assert_allclose(lp, sampling.token_logprobs(logits, tok), atol=0)
+
+
+def test_logits_given_over_a_unit_sample_the_logits_nucleus_with_their_logprobs():
+  """Logits handed over as tanh(z / cap) with logit_unit=cap (as the sampler reads a Gemma 2's
+  soft-capped unembedding): the tokens come from the tempered nucleus of the logits
+  cap * tanh(z / cap), the same draws as from the logits themselves except at the float32
+  boundary, and the log-probs are the logits' log-softmax."""
+  rng = np.random.default_rng(10)
+  cap = 30.0
+  over = np.tanh(rng.normal(size=(64, 2000)) * rng.uniform(0.02, 0.3, (64, 1))).astype(
+      np.float32)
+  logits = jnp.asarray(over) * jnp.float32(cap)  # what the model's cap computes
+  fused = jax.jit(sampling.sample_tokens_and_logprobs, static_argnames=(
+      "greedy", "top_k", "use_top_p", "top_p_method", "bits", "logit_unit"))
+  for seed, (temperature, top_k, top_p) in enumerate([(0.7, None, 0.9), (1.0, 50, 0.5),
+                                                      (1.5, None, 0.99)]):
+    kw = dict(greedy=False, temperature=jnp.float32(temperature), top_k=top_k,
+              top_p=jnp.float32(top_p), use_top_p=True)
+    tok, lp = fused(_keys(64, seed), jnp.asarray(over), logit_unit=cap, **kw)
+    want_tok, _ = fused(_keys(64, seed), logits, **kw)
+    keep = None if top_k is None else np.asarray(sampling.top_k_mask(logits, top_k))
+    nucleus, margin = _nucleus64(np.asarray(logits), top_p, keep, scale=1 / temperature)
+    tok = np.asarray(tok)
+    rows = np.arange(64)
+    assert np.all(nucleus[rows, tok] | (margin[rows, tok] < MARGIN)), temperature
+    assert np.mean(tok == np.asarray(want_tok)) >= 0.95
+    np.testing.assert_allclose(lp, sampling.token_logprobs(logits, jnp.asarray(tok)),
+                               rtol=0, atol=2e-6)
+
+
+def test_threshold_search_with_a_logit_scale_is_the_tempered_nucleus():
+  """tau on the logits as given, masses of softmax(logits / temperature): the float64
+  tempered nucleus (ties at the logits' resolution), up to float32 rounding at the boundary;
+  with top-k's keep mask too."""
+  rng = np.random.default_rng(8)
+  logits = _random_logits(rng, 16, 999)
+  logits[:2, :50] = np.round(logits[:2, :50])  # tie groups
+  logits[2, 7:] = -np.inf
+  keep = np.asarray(sampling.top_k_mask(jnp.asarray(logits), 60))
+  search = jax.jit(sampling.nucleus_threshold)
+  for temperature in (0.3, 0.7, 1.0, 4.0):
+    scale = 1 / np.float32(temperature)
+    for top_p in (1e-6, 0.5, 0.9, 0.999999):
+      for k in (None, keep):
+        want, margin = _nucleus64(logits, top_p, k, scale=float(scale))
+        tau = search(jnp.asarray(logits), jnp.float32(top_p),
+                     None if k is None else jnp.asarray(k), logit_scale=jnp.float32(scale))
+        got = logits >= np.asarray(tau)[:, None]
+        got = got if k is None else got & k
+        assert not np.any((got != want) & (margin >= MARGIN)), (temperature, top_p)
+        assert np.all(got.sum(-1) >= 1)
+
+
+def test_argmax_and_sum_tie_rule_and_masked_rows():
+  scores = jnp.asarray([[1.0, 3.0, 3.0, 2.0, 3.0],  # ties: the first index, like jnp.argmax
+                        [-np.inf] * 5,  # nothing allowed: index 0, like jnp.argmax
+                        [0.0, np.nan, 5.0, np.nan, 1.0]], jnp.float32)  # NaN wins, first one
+  weights = jnp.asarray(np.arange(15, dtype=np.float32).reshape(3, 5))
+  best, total = sampling._argmax_and_sum(scores, weights)
+  np.testing.assert_array_equal(best, [1, 0, 1])
+  np.testing.assert_array_equal(best, jnp.argmax(scores, -1))
+  np.testing.assert_allclose(total, [10.0, 35.0, 60.0])
+  # A whole Gemma row, blocked (256000 = 500 x 512): the argmax and an accurate sum.
+  rng = np.random.default_rng(9)
+  row = rng.normal(size=(2, 256000)).astype(np.float32)
+  row[1, 123456] = row[1, 200001] = 10.0
+  best, total = sampling._argmax_and_sum(jnp.asarray(row), jnp.exp(jnp.asarray(row)))
+  np.testing.assert_array_equal(best, [np.argmax(row[0]), 123456])
+  np.testing.assert_allclose(total, np.exp(row.astype(np.float64)).sum(-1), rtol=1e-6)
 
 
 def test_token_logprobs_is_log_softmax():
