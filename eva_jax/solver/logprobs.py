@@ -3,8 +3,9 @@
 Gemma's vocabulary has 256k rows: float32 logits for 8 sequences of 1024 tokens would take
 8 GiB, and their gradient as much again. So the model runs up to its final-normed hidden
 states [B, T, D], and the unembedding + log-softmax runs over chunks of `chunk_size`
-positions inside a `lax.scan` whose body is `jax.checkpoint`ed: only one chunk's logits
-[B, chunk, V] exist at a time, in the forward pass and again (recomputed) in the backward pass.
+positions inside a `lax.scan` whose body has its own VJP (`_chunk_token_logps`): only one
+chunk's logits [B, chunk, V] exist at a time, in the forward pass and again (recomputed) in
+the backward pass.
 
 With `scored_length`, only the positions that carry a loss weight are unembedded: each row's
 scored positions (at most `scored_length`, in order) are gathered from [B, T, D] into
@@ -27,6 +28,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eva_jax.models.transformer import default_positions
 from eva_jax.solver import batch as batch_lib
@@ -39,15 +41,55 @@ _HIDDEN_AXES = ("batch", "length", "embed")
 _CHUNKED_HIDDEN_AXES = (None,) + _HIDDEN_AXES
 
 
+def _unembed_params(params: Any) -> Any:
+  """The params a Transformer's `unembed` reads: the tied embedding. The chunk's custom VJP
+  takes these alone, so that its cotangent is not a tree of zeros for every other param."""
+  return {"embedder": params["embedder"]}
+
+
 def _chunk_token_logps(model: nn.Module, params: Any, hidden: Array, targets: Array) -> Array:
-  """log p(targets) [B, C] from final-normed hidden [B, C, D] (one chunk)."""
-  logits = model.apply({"params": params}, hidden, method="unembed")  # f32 [B, C, V]
-  logits = nn.with_logical_constraint(logits, _LOGITS_AXES)
-  # The target logit by compare-and-select rather than a gather: it fuses into one reduction
-  # and partitions cleanly when the vocabulary is sharded over `tensor`.
-  vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-  target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-  return target_logit - jax.nn.logsumexp(logits, axis=-1)
+  """log p(targets) [B, C] from final-normed hidden [B, C, D] (one chunk), with its own VJP.
+
+  Forward: the target's logit is gathered. The compare-and-select it replaces, `where(iota ==
+  target, logits, 0)`, made JAX's partial evaluation of the chunk scan (under
+  `value_and_grad`) hoist the loop-invariant iota and zeros, two [B, C, V] arrays, out of the
+  loop: computed once, held in memory, and read by every chunk (gemma2_2b, chunks of 2048
+  positions: 2.1 GB each). A gather has no such operand, and XLA partitions it over a
+  vocabulary sharded on `tensor` (a masked local gather and the all-reduce the log-sum-exp
+  has anyway).
+
+  Backward: only the inputs are kept (as `jax.checkpoint` did); the logits are recomputed and
+  d logits = ct * (onehot(target) - softmax) formed in one pass, the one-hot by compare-and-
+  select, which stays inside the backward loop. Autodiff of the forward would transpose the
+  gather into a scatter-add into a zeroed [B, C, V] array.
+  """
+
+  def logits_of(p, h):
+    logits = model.apply({"params": p}, h, method="unembed")  # f32 [B, C, V]
+    return nn.with_logical_constraint(logits, _LOGITS_AXES)
+
+  @jax.custom_vjp
+  def token_logps(p, h, y):
+    logits = logits_of(p, h)
+    picked = jnp.take_along_axis(logits, y[..., None], axis=-1, mode="clip")[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+  def forward(p, h, y):
+    return token_logps(p, h, y), (p, h, y)
+
+  def backward(saved, ct):
+    p, h, y = saved
+    logits, unembed_vjp = jax.vjp(logits_of, p, h)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    onehot = jnp.where(vocab == y[..., None], 1.0, 0.0)
+    dlogits = nn.with_logical_constraint(ct[..., None] * (onehot - jnp.exp(logits - lse)),
+                                         _LOGITS_AXES)
+    dp, dh = unembed_vjp(dlogits)
+    return dp, dh, np.zeros(y.shape, jax.dtypes.float0)
+
+  token_logps.defvjp(forward, backward)
+  return token_logps(_unembed_params(params), hidden, targets)
 
 
 def scored_positions(weights: Array, scored_length: int) -> Array:
@@ -86,14 +128,10 @@ def _scored_logps(model: nn.Module, params: Any, hidden: Array, targets: Array, 
   targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
   weights = weights.reshape(b, n, chunk).swapaxes(0, 1)
 
-  # Recompute each chunk's logits in the backward pass instead of keeping them (CSE
-  # prevention is unnecessary inside a scan body).
-  chunk_fn = jax.checkpoint(lambda p, h, y: _chunk_token_logps(model, p, h, y),
-                            prevent_cse=False)
-
+  # Each chunk's logits are recomputed in the backward pass, not kept (`_chunk_token_logps`).
   def body(total, xs):
     h, y, w = xs
-    return total + jnp.sum(chunk_fn(params, h, y) * w, axis=-1), None
+    return total + jnp.sum(_chunk_token_logps(model, params, h, y) * w, axis=-1), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (hidden, targets, weights))
   return total

@@ -1,6 +1,8 @@
 """Chunked response log-probs: equal to the full-logits computation, in value and gradient,
 without a [B, T, V] array anywhere in the program, and the same on a sharded mesh."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,25 @@ def test_no_full_batch_logits_in_forward_or_backward(small_config, pairs_factory
   naive = set(_shapes(jax.make_jaxpr(
       lambda p: logprobs.naive_sequence_logps(model, p, tokens, mask)[0].sum())(params).jaxpr))
   assert (2, 32, v) in naive
+
+
+def test_the_chunk_loops_carry_no_logits_sized_array(small_config, pairs_factory):
+  """Under value_and_grad, no while loop of the program takes a [B, chunk, V] operand: JAX's
+  partial evaluation of the chunk scan hoisted the compare-and-select's iota and zeros out of
+  the forward loop, two chunk-logits-sized arrays read by every chunk; the chunk's own VJP
+  (a gather forward) leaves nothing of that size to hoist."""
+  model, params, pairs = _setup(small_config, pairs_factory, n=2, t=32)
+  tokens, mask = pairs["chosen_tokens"], pairs["chosen_loss_mask"]
+  v = small_config.vocab_size
+
+  def loss(p):
+    return sequence_logps(model, p, tokens, mask, chunk_size=8)[0].sum()
+  text = jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
+  loops = [line for line in text.splitlines() if "stablehlo.while" in line]
+  assert len(loops) >= 2  # the forward and the backward chunk loops (and the layers')
+  chunk_logits = re.compile(rf"tensor<2x8x{v}x")
+  assert not any(chunk_logits.search(line) for line in loops), [
+      line[:200] for line in loops if chunk_logits.search(line)]
 
 
 def test_pair_logps_interleaves_chosen_and_rejected(small_config, pairs_factory):
