@@ -1,5 +1,7 @@
 """The Gemma model on its own: published sizes, KV-cache path, padding, remat, bad configs."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -216,6 +218,53 @@ def test_hidden_then_unembed_equals_logits_and_softcap_bounds_logits():
   plain = Transformer(cfg.replace(final_logit_softcap=None))
   np.testing.assert_array_equal(plain.apply({"params": params}, ids, logits_over_cap=True),
                                 plain.apply({"params": params}, ids))
+
+
+def _dot_input_dtypes(jaxpr, size):
+  """Input dtypes of every dot_general in `jaxpr` (nested jaxprs too) with a `size` dim."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      avals = [v.aval for v in eqn.invars]
+      if any(size in a.shape for a in avals):
+        yield tuple(str(a.dtype) for a in avals)
+    for p in eqn.params.values():
+      for inner in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _dot_input_dtypes(inner, size)
+
+
+def test_the_unembedding_backward_runs_in_the_compute_dtype():
+  """The unembedding's matmuls take the compute dtype's operands in the backward pass too:
+  with bfloat16 compute, no matmul against the vocabulary takes a float32 operand in the
+  gradient (autodiff's take the float32 cotangent, and XLA upcasts the other operand to
+  match: the check sees it),
+  and the gradients agree with autodiff's to bfloat16's precision; in float32 they are
+  autodiff's."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(3, 5, 32)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(384, 32)) * 0.1, jnp.float32)
+  probe = jnp.asarray(rng.normal(size=(3, 5, 384)), jnp.float32)
+
+  def loss(matmul, x, table):
+    return jnp.sum(jnp.tanh(matmul(x, table) / 3.0) * probe)
+  plain = lambda x, t: jnp.einsum("...d,vd->...v", x, t, preferred_element_type=jnp.float32)
+  ours = jax.grad(functools.partial(loss, transformer._unembed_matmul), (0, 1))
+  autodiff = jax.grad(functools.partial(loss, plain), (0, 1))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    args = (x.astype(dtype), table.astype(dtype))
+    for g, w in zip(ours(*args), autodiff(*args)):
+      assert g.dtype == dtype
+      g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+      if dtype == jnp.float32:
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+      else:
+        np.testing.assert_allclose(g, w, rtol=0.05, atol=0.02 * np.abs(w).max())
+  args = (x.astype(jnp.bfloat16), table.astype(jnp.bfloat16))
+  ours_dots = list(_dot_input_dtypes(jax.make_jaxpr(ours)(*args).jaxpr, 384))
+  plain_dots = list(_dot_input_dtypes(jax.make_jaxpr(autodiff)(*args).jaxpr, 384))
+  assert len(ours_dots) == 3 and set(ours_dots) == {("bfloat16", "bfloat16")}, ours_dots
+  assert any("float32" in dtypes for dtypes in plain_dots), plain_dots
 
 
 def test_classifier_reads_last_real_token():
