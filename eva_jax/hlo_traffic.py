@@ -9,9 +9,8 @@ rules XLA's cost model uses for the cases that matter here:
 
 * a fusion's parameter that is only sliced inside it (dynamic-slice, slice, gather; through
   bitcasts, elementwise ops and nested fusions) costs the slices' bytes, not the whole
-  operand's; one that is
-  only the buffer a dynamic-update-slice writes into costs nothing (the update happens in
-  place), and such a fusion's output costs the update's bytes;
+  operand's; one that is only the buffer a dynamic-update-slice writes into costs nothing
+  (the update happens in place), and such a fusion's output costs the update's bytes;
 * parameters, constants, tuples, get-tuple-element and bitcasts are free, and so are arrays
   XLA:TPU placed in VMEM (memory space 1): what moves them there is the copy-start that
   reads them from HBM;
@@ -64,8 +63,8 @@ def _dtype_bytes(dtype: str) -> float:
 
 def _dims(shape: str) -> Optional[str]:
   """The dimensions of an array shape ("f32[4,8]{1,0}" -> "4,8"), None for a tuple."""
-  m = _ARRAY.match(shape.strip())
-  return m.group(2) if m and not shape.strip().startswith("(") else None
+  m = _ARRAY.match(shape.strip())  # a tuple starts with "(": no match
+  return m.group(2) if m else None
 
 
 def shape_bytes(shape: str) -> float:

@@ -363,7 +363,7 @@ def _argmax_and_sum(scores: Array, weights: Array) -> tuple[Array, Array]:
   """int32 [R] argmax of `scores` (the first index on ties, like jnp.argmax) and float32 [R]
   sum of `weights`, both [R, V], in one blocked variadic reduction: one read of whatever the
   two are computed from, in a fixed summation order (see `_blocked_sums`)."""
-  rows, vocab = scores.shape
+  vocab = scores.shape[-1]
   index = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
   operands = (_row_blocks(scores, _NEG_INF), _row_blocks(index, vocab),
               _row_blocks(weights, 0.0))
@@ -421,8 +421,8 @@ def sample_tokens_and_logprobs(row_keys: Array, logits: Array, *, greedy: bool,
   and one last pass that masks, adds the Gumbel noise, takes the argmax and sums exp(logit -
   max) for the log-prob's normaliser (one blocked reduction on GPUs, `_draw`). (Drawing from
   a tempered copy and taking the log-prob by a separate log-softmax read the logits 15 times
-  and wrote the copy.) Top-k and the nucleus keep ties at the resolution of the values as given (the
-  sort and radix methods: of the tempered logits).
+  and wrote the copy.) Top-k and the nucleus keep ties at the resolution of the values as
+  given (the sort and radix methods: of the tempered logits).
 
   Args:
     row_keys: [R] PRNG keys, one per row (ignored when greedy).
