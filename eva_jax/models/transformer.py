@@ -54,6 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from eva_jax.models import flash_attention as flash
 from eva_jax.models.config import GemmaConfig, LOCAL
@@ -76,6 +77,10 @@ LAYERS_AXIS = "layers"
 SCANNED = "layers"
 _BLOCK = "block_"
 
+# Name of the XLA attention's float32 scores (before soft-cap and mask), for remat policies:
+# they come from a custom VJP (`einsum_f32`), which "dots_all" would not see as a matmul.
+SCORES_NAME = "attention_scores"
+
 _REMAT_POLICIES = {
     "none": None,
     # No block remat; only the attention scores and softmax (float32, [B, K, G, T, S]: the
@@ -87,7 +92,10 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
         jax.checkpoint_policies.save_only_these_names(*flash.SAVED_NAMES)),
-    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+    # Every matmul's output, the attention scores included.
+    "dots_all": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots,
+        jax.checkpoint_policies.save_only_these_names(SCORES_NAME, *flash.SAVED_NAMES)),
 }
 # The names `Transformer(remat=...)` and `make_policy_model(remat=...)` take.
 REMAT_POLICIES = tuple(_REMAT_POLICIES)
@@ -115,33 +123,38 @@ class RMSNorm(nn.Module):
     return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-@jax.custom_vjp
-def _unembed_matmul(x: Array, table: Array) -> Array:
-  """float32 logits [..., V] of hidden x [..., D] against the table [V, D]: x's dtype in,
-  float32 accumulation and output (the log-softmax wants float32 logits).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, x: Array, y: Array) -> Array:
+  """float32 einsum `spec` ("x_axes,y_axes->out_axes") of x and y in their dtype: float32
+  accumulation and output, for what a float32 softmax reads (the unembedding's logits, the
+  attention scores).
 
-  Its VJP runs both transposed matmuls in x's dtype as well, the cotangent rounded to it
-  first. Autodiff would see a float32 cotangent against a bfloat16 operand and run them in
-  float32: the 256k-row unembedding's backward, about a tenth of a Gemma 2 2B's train-step
-  matmul FLOPs, at float32 (TF32 at best) speed, its [tokens, V] cotangent read twice in
-  float32. In float32 compute this is exactly autodiff's.
+  Its VJP runs both transposed einsums in x's dtype as well, the cotangent rounded to it
+  first. Autodiff would meet the float32 cotangent with a bfloat16 operand and XLA would run
+  the backward matmuls in float32 (TF32 at best) and read the cotangent in float32: for
+  Gemma 2 2B's train step the unembedding's (about a tenth of its matmul FLOPs) and the
+  attention scores' (2%). Every axis of x must appear in y or the output, and likewise for y,
+  so that each gradient is an einsum of the cotangent and the other operand. In float32
+  compute this is autodiff's.
   """
-  return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+  return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
-def _unembed_matmul_fwd(x: Array, table: Array):
-  return _unembed_matmul(x, table), (x, table)
+def _einsum_f32_fwd(spec: str, x: Array, y: Array):
+  return einsum_f32(spec, x, y), (x, y)
 
 
-def _unembed_matmul_bwd(saved, ct: Array):
-  x, table = saved
+def _einsum_f32_bwd(spec: str, saved, ct: Array):
+  x, y = saved
+  operands, out = spec.split("->")
+  x_axes, y_axes = operands.split(",")
   ct = ct.astype(x.dtype)
-  dx = jnp.einsum("...v,vd->...d", ct, table, preferred_element_type=jnp.float32)
-  dtable = jnp.einsum("...v,...d->vd", ct, x, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dtable.astype(table.dtype)
+  dx = jnp.einsum(f"{out},{y_axes}->{x_axes}", ct, y, preferred_element_type=jnp.float32)
+  dy = jnp.einsum(f"{out},{x_axes}->{y_axes}", ct, x, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dy.astype(y.dtype)
 
 
-_unembed_matmul.defvjp(_unembed_matmul_fwd, _unembed_matmul_bwd)
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
 class Embedder(nn.Module):
@@ -169,7 +182,7 @@ class Embedder(nn.Module):
     by the cap would write a second [rows, vocab] array every decode step.
     """
     table = self.input_embedding.astype(x.dtype)
-    logits = _unembed_matmul(x, table)
+    logits = einsum_f32("...d,vd->...v", x, table)
     cap = self.config.final_logit_softcap
     if cap:
       logits = jnp.tanh(logits / cap)
@@ -190,6 +203,53 @@ def apply_rope(x: Array, positions: Array, base: float) -> Array:
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def _scores_as_given(qg: Array, key: Array) -> Array:
+  return jnp.einsum("btkgh,bskh->bkgts", qg, key, preferred_element_type=jnp.float32)
+
+
+def _scores_heads_first(qg: Array, key: Array) -> Array:
+  return einsum_f32("bkgth,bksh->bkgts", qg.transpose(0, 2, 3, 1, 4), key.transpose(0, 2, 1, 3))
+
+
+def _vjp_of(scores, qg: Array, key: Array, ct: Array):
+  return jax.vjp(scores, qg, key)[1](ct)
+
+
+@jax.custom_vjp
+def attention_scores(qg: Array, key: Array) -> Array:
+  """float32 scores [B, K, G, T, S] of grouped queries qg [B, T, K, G, H] against keys
+  [B, S, K, H] (same dtype), and their gradients, in the form each compiler moves the
+  fewest bytes with (`eva_jax.hlo_traffic`, gemma2_2b's train step compiled for an H200 and
+  a v5p chip):
+
+  * GPUs (and the CPU): heads ahead of positions ([B, K, G, T, H] and [B, K, S, H]) before
+    the matmul, and `einsum_f32`'s backward, which rounds the [B, K, G, T, S] cotangent to
+    the compute dtype. Autodiff's float32 cotangent read by float32 matmuls (TF32 at best),
+    and XLA:GPU wrote transposed copies of it for the two gradient matmuls.
+  * TPUs: autodiff of the einsum as written. XLA:TPU fuses the softmax's backward into the
+    gradient matmuls and never writes the cotangent; the explicit transposes and the
+    rounding each made it write more (the step's layer loops 278.6 -> 310.8 GB).
+
+  Chosen when the program is lowered for its devices (`jax.lax.platform_dependent`, inside
+  this VJP so that autodiff never meets the branches).
+  """
+  return jax.lax.platform_dependent(qg, key, tpu=_scores_as_given, default=_scores_heads_first)
+
+
+def _attention_scores_fwd(qg: Array, key: Array):
+  return attention_scores(qg, key), (qg, key)
+
+
+def _attention_scores_bwd(saved, ct: Array):
+  qg, key = saved
+  return jax.lax.platform_dependent(
+      qg, key, ct, tpu=functools.partial(_vjp_of, _scores_as_given),
+      default=functools.partial(_vjp_of, _scores_heads_first))
+
+
+attention_scores.defvjp(_attention_scores_fwd, _attention_scores_bwd)
 
 
 # One decode step's attention over the [B, S, K, H] cache, two ways with the same math
@@ -327,8 +387,7 @@ class Attention(nn.Module):
         logits = jax.lax.platform_dependent(qg, key, tpu=decode_scores_dot,
                                             default=decode_scores_multiply_reduce)
       else:
-        logits = jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(dtype),
-                            preferred_element_type=jnp.float32)
+        logits = checkpoint_name(attention_scores(qg, key.astype(dtype)), SCORES_NAME)
       if cfg.attn_logit_softcap:
         cap = cfg.attn_logit_softcap
         logits = jnp.tanh(logits / cap) * cap

@@ -1,12 +1,16 @@
 """The Gemma model on its own: published sizes, KV-cache path, padding, remat, bad configs."""
 
+import contextlib
 import functools
+import io
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from eva_jax.models import GemmaConfig, Transformer, get_config, init_cache
 from eva_jax.models import transformer
@@ -220,12 +224,13 @@ def test_hidden_then_unembed_equals_logits_and_softcap_bounds_logits():
                                 plain.apply({"params": params}, ids))
 
 
-def _dot_input_dtypes(jaxpr, size):
-  """Input dtypes of every dot_general in `jaxpr` (nested jaxprs too) with a `size` dim."""
+def _dot_input_dtypes(jaxpr, size=None):
+  """Input dtypes of every dot_general in `jaxpr` (nested jaxprs too), or of those with a
+  `size` dim."""
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
       avals = [v.aval for v in eqn.invars]
-      if any(size in a.shape for a in avals):
+      if size is None or any(size in a.shape for a in avals):
         yield tuple(str(a.dtype) for a in avals)
     for p in eqn.params.values():
       for inner in (p if isinstance(p, (list, tuple)) else [p]):
@@ -234,37 +239,117 @@ def _dot_input_dtypes(jaxpr, size):
           yield from _dot_input_dtypes(inner, size)
 
 
-def test_the_unembedding_backward_runs_in_the_compute_dtype():
-  """The unembedding's matmuls take the compute dtype's operands in the backward pass too:
-  with bfloat16 compute, no matmul against the vocabulary takes a float32 operand in the
-  gradient (autodiff's take the float32 cotangent, and XLA upcasts the other operand to
-  match: the check sees it),
-  and the gradients agree with autodiff's to bfloat16's precision; in float32 they are
+@pytest.mark.parametrize("spec,x_shape,y_shape", [
+    ("...d,vd->...v", (3, 5, 32), (384, 32)),  # the unembedding
+    ("btkgh,bskh->bkgts", (2, 7, 2, 3, 16), (2, 9, 2, 16)),  # attention scores, grouped
+])
+def test_einsum_f32_backward_runs_in_the_compute_dtype(spec, x_shape, y_shape):
+  """`einsum_f32`'s matmuls take the compute dtype's operands in the backward pass too: with
+  bfloat16 operands no matmul of the gradient takes a float32 operand (autodiff's take the
+  float32 cotangent, and XLA upcasts the other operand to match: the check sees it), and
+  the gradients agree with autodiff's to bfloat16's precision; in float32 they are
   autodiff's."""
   rng = np.random.default_rng(11)
-  x = jnp.asarray(rng.normal(size=(3, 5, 32)), jnp.float32)
-  table = jnp.asarray(rng.normal(size=(384, 32)) * 0.1, jnp.float32)
-  probe = jnp.asarray(rng.normal(size=(3, 5, 384)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  y = jnp.asarray(rng.normal(size=y_shape) * 0.1, jnp.float32)
+  out_shape = jax.eval_shape(functools.partial(jnp.einsum, spec), x, y).shape
+  probe = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
-  def loss(matmul, x, table):
-    return jnp.sum(jnp.tanh(matmul(x, table) / 3.0) * probe)
-  plain = lambda x, t: jnp.einsum("...d,vd->...v", x, t, preferred_element_type=jnp.float32)
-  ours = jax.grad(functools.partial(loss, transformer._unembed_matmul), (0, 1))
+  def loss(einsum, x, y):
+    return jnp.sum(jnp.tanh(einsum(spec, x, y) / 3.0) * probe)
+  plain = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+  ours = jax.grad(functools.partial(loss, transformer.einsum_f32), (0, 1))
   autodiff = jax.grad(functools.partial(loss, plain), (0, 1))
   for dtype in (jnp.float32, jnp.bfloat16):
-    args = (x.astype(dtype), table.astype(dtype))
+    args = (x.astype(dtype), y.astype(dtype))
     for g, w in zip(ours(*args), autodiff(*args)):
-      assert g.dtype == dtype
+      assert g.dtype == dtype and g.shape == w.shape
       g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
       if dtype == jnp.float32:
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
       else:
         np.testing.assert_allclose(g, w, rtol=0.05, atol=0.02 * np.abs(w).max())
-  args = (x.astype(jnp.bfloat16), table.astype(jnp.bfloat16))
-  ours_dots = list(_dot_input_dtypes(jax.make_jaxpr(ours)(*args).jaxpr, 384))
-  plain_dots = list(_dot_input_dtypes(jax.make_jaxpr(autodiff)(*args).jaxpr, 384))
+  args = (x.astype(jnp.bfloat16), y.astype(jnp.bfloat16))
+  ours_dots = list(_dot_input_dtypes(jax.make_jaxpr(ours)(*args).jaxpr))
+  plain_dots = list(_dot_input_dtypes(jax.make_jaxpr(autodiff)(*args).jaxpr))
   assert len(ours_dots) == 3 and set(ours_dots) == {("bfloat16", "bfloat16")}, ours_dots
   assert any("float32" in dtypes for dtypes in plain_dots), plain_dots
+
+
+def _lowered_dot_dtypes(fn, *args, platform: str) -> list[tuple[str, str]]:
+  """Operand element types of every dot_general in `fn` lowered for `platform` (no such
+  device needed: `jax.export` lowers only the branches `platform_dependent` picks for it)."""
+  text = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+  dots = re.findall(r"stablehlo\.dot_general[^\n]*?: \(tensor<([^>]*)>, tensor<([^>]*)>\)", text)
+  return [(a.split("x")[-1], b.split("x")[-1]) for a, b in dots]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("remat", ["none", "dots", "dots_all", "attention", "full"])
+def test_a_bfloat16_models_gradient_has_no_float32_matmul_on_gpus(scan_layers, remat):
+  """In bfloat16 compute every matmul of the model's gradient lowered for a GPU (or the CPU)
+  takes bfloat16 operands, the attention scores' and the unembedding's backward included,
+  whatever the remat policy; lowered for a TPU the scores' gradient stays autodiff's, with its
+  float32 cotangent (`attention_scores`)."""
+  cfg = get_config("tiny").replace(dtype="bfloat16", param_dtype="bfloat16",
+                                   scan_layers=scan_layers)
+  model = Transformer(cfg, remat=remat)
+  ids = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 12)), jnp.int32)
+  params = _params(model, ids)
+
+  def loss(params):
+    return jnp.sum(jax.nn.log_softmax(model.apply({"params": params}, ids))[..., 5])
+  grad = jax.grad(loss)
+  for platform in ("cuda", "cpu"):
+    dots = _lowered_dot_dtypes(grad, params, platform=platform)
+    assert len(dots) > 4 * (1 if scan_layers else cfg.num_layers), dots
+    assert set(dots) == {("bf16", "bf16")}, (platform, dots)
+  tpu = _lowered_dot_dtypes(grad, params, platform="tpu")
+  assert len(tpu) == len(dots) and ("f32", "bf16") in tpu, tpu
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_scores_and_gradients_equal_autodiffs(dtype):
+  """`attention_scores` (heads first, `einsum_f32`'s backward on the CPU) against autodiff of
+  the plain einsum: equal in float32, to bfloat16's precision in bfloat16."""
+  rng = np.random.default_rng(3)
+  qg = jnp.asarray(rng.normal(size=(2, 7, 2, 3, 16)), dtype)
+  key = jnp.asarray(rng.normal(size=(2, 9, 2, 16)), dtype)
+  probe = jnp.asarray(rng.normal(size=(2, 2, 3, 7, 9)), jnp.float32)
+
+  def loss(scores, qg, key):
+    return jnp.sum(jax.nn.softmax(jnp.tanh(scores(qg, key) / 5.0), axis=-1) * probe)
+  plain = lambda q, k: jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(transformer.attention_scores(qg, key), plain(qg, key),
+                             rtol=1e-6, atol=1e-5)
+  ours = jax.grad(functools.partial(loss, transformer.attention_scores), (0, 1))(qg, key)
+  want = jax.grad(functools.partial(loss, plain), (0, 1))(qg, key)
+  for g, w in zip(ours, want):
+    assert g.dtype == dtype and g.shape == w.shape
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    else:
+      np.testing.assert_allclose(g, w, rtol=0.05, atol=0.02 * np.abs(w).max())
+
+
+def test_remat_dots_all_keeps_the_attention_scores():
+  """"dots_all" keeps every matmul's output, the float32 attention scores (a custom VJP's,
+  named `SCORES_NAME`) included; "dots" keeps no matmul with batch dims."""
+  cfg = get_config("tiny").replace(dtype="bfloat16", param_dtype="bfloat16")
+  ids = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 12)), jnp.int32)
+  groups = cfg.num_heads // cfg.num_kv_heads
+  scores = f"f32[2,{cfg.num_kv_heads},{groups},12,12]"
+
+  def kept(remat):
+    model = Transformer(cfg, remat=remat)
+    params = _params(model, ids)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      print_saved_residuals(lambda p: jnp.sum(model.apply({"params": p}, ids)), params)
+    return [line.split()[0] for line in printed.getvalue().splitlines() if line.strip()]
+  assert kept("dots_all").count(scores) == cfg.num_layers, kept("dots_all")
+  assert scores not in kept("dots")
 
 
 def test_classifier_reads_last_real_token():
