@@ -3,6 +3,7 @@ without a [B, T, V] array anywhere in the program, and the same on a sharded mes
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,3 +185,44 @@ def test_scored_length_below_one_is_refused(small_config, pairs_factory):
   with pytest.raises(ValueError, match="scored_length must be >= 1"):
     sequence_logps(model, params, pairs["chosen_tokens"], pairs["chosen_loss_mask"],
                    scored_length=0)
+
+
+def _table_casts(jaxpr, shape, in_loop=False):
+  """(inside a scan or while body?, from dtype, to dtype) of each convert_element_type of a
+  `shape` array in `jaxpr` and the jaxprs nested in it."""
+  for eqn in jaxpr.eqns:
+    if (eqn.primitive.name == "convert_element_type"
+        and tuple(eqn.invars[0].aval.shape) == shape):
+      yield in_loop, str(eqn.invars[0].aval.dtype), str(eqn.outvars[0].aval.dtype)
+    loop = in_loop or eqn.primitive.name in ("scan", "while")
+    for p in eqn.params.values():
+      for inner in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _table_casts(inner, shape, loop)
+
+
+def test_float32_table_is_cast_once_outside_the_chunk_loops(small_config, pairs_factory):
+  """With float32 params and bfloat16 compute, the chunks read a bfloat16 copy of the table
+  made once before the loops: the one float32 -> bfloat16 [V, D] convert left inside them is
+  the table gradient's own rounding in the backward (`einsum_f32`'s), where the forward and
+  the backward chunk loops each cast the table too before. The gradients are those of the
+  full logits to bfloat16's precision, the table's in float32."""
+  cfg = small_config.replace(dtype="bfloat16")
+  model = Transformer(cfg)
+  pairs = pairs_factory(3, 24, seed=1)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), pairs["chosen_tokens"])["params"])
+  table = params["embedder"]["input_embedding"]
+  assert table.dtype == jnp.float32
+  tokens, mask = pairs["chosen_tokens"], pairs["chosen_loss_mask"]
+  w = jnp.array([1.0, -2.0, 0.5])
+  loss = lambda p: sequence_logps(model, p, tokens, mask, chunk_size=7)[0] @ w
+  casts = list(_table_casts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, table.shape))
+  assert casts.count((True, "float32", "bfloat16")) == 1, casts
+  assert casts.count((False, "float32", "bfloat16")) == 1, casts
+  g = jax.jit(jax.grad(loss))(params)
+  g_ref = jax.jit(jax.grad(lambda p: _naive(model, p, tokens, mask)[0] @ w))(params)
+  assert g["embedder"]["input_embedding"].dtype == jnp.float32
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.03 * np.abs(b).max())
