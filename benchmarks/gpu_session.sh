@@ -92,16 +92,18 @@ case "$PART" in
     sampler default "--param_dtype float32"
     peer peer_tunix_generate 256 256 256 ;;
   2)
-    # The decode kernel that reads the cache only up to each step's slot (attention_impl
-    # flash); mixed_precision.gin with the fused attention kernel (two rows a pair: the
-    # kernel takes no packed mask; 47.6 GiB compiled); the default train step with each pair
-    # as two rows, its prompt twice (as before share_prompt; 1.26x slower on a CPU at
+    # mixed_precision.gin with flash_attention.gin: the fused attention kernels, each pair one
+    # packed row (43.7 GiB compiled; its four loops move 231.9 GB a step against 372.3 with
+    # XLA's attention, by eva_jax/hlo_traffic.py): the shipped candidate that moves the
+    # fewest bytes, first, as its Triton kernels have not run on a GPU yet; the decode kernel
+    # that reads the cache only up to each step's slot; the default train step with each
+    # pair as two rows, its prompt twice (as before share_prompt; 1.26x slower on a CPU at
     # gemma2_2b's widths); the fused attention kernels alone against XLA's at the train
     # step's shape (speed, and their agreement on the GPU); the default train step and
     # sampler without autotuning; the default with the kernel; the sort top-p the default
     # replaced and 4 decode segments (no faster on a CPU).
+    train mixed_precision_flash "--gin_file mixed_precision.gin --gin_file flash_attention.gin"
     sampler flash_decode "--param_dtype float32 --config_overrides {\"attention_impl\":\"flash\"}"
-    train mixed_precision_flash "--gin_file mixed_precision.gin --attention_impl flash"
     train default_two_rows "--no-share_prompt"
     step "attention: flash kernel against XLA"
     bounded "${ATTENTION_S:-60}" "$PYTHON" benchmarks/attention.py ${SMALL:+--batch 2 --length 64 \

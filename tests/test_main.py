@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import gin
+import jax
 import pytest
 
 from eva_jax import main as eva_main
@@ -157,5 +158,23 @@ def test_mixed_precision_gin_composes_after_a_main_file():
     assert (model.config.param_dtype, model.config.dtype) == ("bfloat16", "bfloat16")
     assert (opt.master_dtype, opt.mu_dtype, opt.state_dtype) == ("float32", "bfloat16",
                                                                  "float32")
+  finally:
+    gin.clear_config()
+
+
+def test_flash_attention_gin_composes_after_mixed_precision():
+  """flash_attention.gin on top of eva_gemma.gin and mixed_precision.gin: the fused attention
+  for the policy, mixed precision kept, and the train step packs each pair in one row."""
+  from eva_jax import loop, parallel  # pylint: disable=unused-import
+  from eva_jax.models import get_config
+  from eva_jax.solver import TrainStep, get_loss_fn, make_optimizer, make_policy_model
+  try:
+    eva_main.load_gin(["eva_gemma.gin", "mixed_precision.gin", "flash_attention.gin"], [])
+    model = make_policy_model(get_config("tiny"))
+    assert model.config.attention_impl == "flash" and model.remat == "dots"
+    assert model.config.param_dtype == "bfloat16"
+    mesh = parallel.create_mesh({"data": 1}, devices=jax.devices()[:1])
+    step = TrainStep(model, make_optimizer(1e-3), get_loss_fn("dpo"), mesh, scored_length=8)
+    assert step.share_prompt
   finally:
     gin.clear_config()

@@ -10,7 +10,10 @@ for dQ). Neither cuDNN's fused attention nor JAX's Pallas one soft-caps, which G
 
 Masking is structural, as in `transformer.attention_masks`: query t sits at slot t and sees
 key slot s when s <= t, `key_valid[b, s]`, and, with a window W, t - s < W. Key blocks that
-the causal bound or the window rule out are never visited. A query row with no visible key
+the causal bound or the window rule out are never visited. Packed rows (a pair's shared
+prompt, then its chosen and its rejected response) add segments and positions: a response's
+key is seen by its own response's queries only, and the window is measured in positions
+(`packed_mask`), so that each token sees what it sees in its own unpacked row. A query row with no visible key
 (a left-padding position) gets a zero output instead of XLA's uniform average; such rows
 never reach a real token's output or the loss, so logits and gradients at real positions
 agree with the XLA path.
@@ -99,17 +102,28 @@ def _capped_scores(q, k, softcap: Optional[float]):
   return t * softcap, t
 
 
-def _visible(q_start, bq: int, k_start, bk: int, key_valid, window: Optional[int]):
+def _visible(q_start, bq: int, k_start, bk: int, key_segments, window: Optional[int],
+             packed=None):
+  """[bq, bk] mask. `packed`: (query segments [bq], query positions [bq], key positions [bk])
+  of a packed row; then a key of segment s >= 2 is seen by queries of segment s only, and the
+  window is measured in positions."""
   q_slots = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   k_slots = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  mask = (k_slots <= q_slots) & (key_valid[None, :] != 0)
-  if window:
+  mask = (k_slots <= q_slots) & (key_segments[None, :] != 0)
+  if packed is not None:
+    q_segments, q_positions, k_positions = packed
+    mask = mask & ((key_segments[None, :] == 1)
+                   | (key_segments[None, :] == q_segments[:, None]))
+    if window:
+      mask = mask & (q_positions[:, None] - k_positions[None, :] < window)
+  elif window:
     mask = mask & (q_slots - k_slots < window)
   return mask
 
 
 def _key_block_range(q_block, bq: int, bk: int, num_k_blocks: int, window: Optional[int]):
-  """[lo, hi) of the key blocks that query block `q_block` can see."""
+  """[lo, hi) of the key blocks that query block `q_block` can see (`window` None for a
+  packed row, whose window in positions rules out no block by slots)."""
   hi = jnp.minimum(lax.div((q_block + 1) * bq + bk - 1, bk), num_k_blocks)
   lo = jnp.int32(0)
   if window:
@@ -143,34 +157,51 @@ def _softmax_init(rows: int, head_dim: int):
           jnp.zeros((rows,), jnp.float32))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, softcap, window,
-                    bq, bk):
+def _query_rows(seg_ref, pos_ref, start, rows: int, packed: bool):
+  """(segments, positions) of the query rows from `start`, for a packed row; else None."""
+  if not packed:
+    return None
+  block = pl.ds(start, rows)
+  return seg_ref[block], pos_ref[block]
+
+
+def _key_mask(q_start, bq, k_start, bk, seg_ref, pos_ref, window, query_rows):
+  """`_visible` for the keys of the block at `k_start`, read from the row's refs."""
+  keys = pl.ds(k_start, bk)
+  packed = None if query_rows is None else (*query_rows, pos_ref[keys])
+  return _visible(q_start, bq, k_start, bk, seg_ref[keys], window, packed)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, pos_ref, o_ref, lse_ref, *, softcap, window,
+                    packed, bq, bk):
   q_block = pl.program_id(2)
   q = q_ref[...]
   num_k_blocks = k_ref.shape[0] // bk
+  query_rows = _query_rows(seg_ref, pos_ref, q_block * bq, bq, packed)
 
   def body(j, carry):
     acc, m, l = carry
     keys = pl.ds(j * bk, bk)
     s, _ = _capped_scores(q, k_ref[keys, :], softcap)
-    mask = _visible(q_block * bq, bq, j * bk, bk, valid_ref[keys], window)
+    mask = _key_mask(q_block * bq, bq, j * bk, bk, seg_ref, pos_ref, window, query_rows)
     p, correction, m, l = _online_softmax_step(s, mask, m, l)
     v = v_ref[keys, :]
     return acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0), m, l
 
-  lo, hi = _key_block_range(q_block, bq, bk, num_k_blocks, window)
+  lo, hi = _key_block_range(q_block, bq, bk, num_k_blocks, None if packed else window)
   acc, m, l = lax.fori_loop(lo, hi, body, _softmax_init(bq, q_ref.shape[-1]))
   l_safe = jnp.where(l > 0, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(l_safe)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                 *, softcap, window, bq, bk):
+def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, pos_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                 dv_ref, *, softcap, window, packed, bq, bk):
   k_block = pl.program_id(2)
   keys = pl.ds(k_block * bk, bk)
   k, v = k_ref[keys, :], v_ref[keys, :]
-  valid = valid_ref[keys]
+  key_segments = seg_ref[keys]
+  key_positions = pos_ref[keys] if packed else None
   num_q_blocks = q_ref.shape[0] // bq
 
   def body(i, carry):
@@ -178,7 +209,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dk_
     rows = pl.ds(i * bq, bq)
     q, do = q_ref[rows, :], do_ref[rows, :]
     s, t = _capped_scores(q, k, softcap)
-    mask = _visible(i * bq, bq, k_block * bk, bk, valid, window)
+    query_rows = _query_rows(seg_ref, pos_ref, i * bq, bq, packed)
+    mask = _visible(i * bq, bq, k_block * bk, bk, key_segments, window,
+                    None if query_rows is None else (*query_rows, key_positions))
     p = jnp.where(mask, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
     dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
     ds = p * (_dot(do, v, 1, 1) - delta_ref[rows][:, None])
@@ -189,39 +222,41 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dk_
 
   head_dim = k_ref.shape[-1]
   zeros = jnp.zeros((bk, head_dim), jnp.float32)
-  lo, hi = _query_block_range(k_block, bk, bq, num_q_blocks, window)
+  lo, hi = _query_block_range(k_block, bk, bq, num_q_blocks, None if packed else window)
   dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref, *, softcap,
-               window, bq, bk):
+def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, pos_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               softcap, window, packed, bq, bk):
   q_block = pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   num_k_blocks = k_ref.shape[0] // bk
+  query_rows = _query_rows(seg_ref, pos_ref, q_block * bq, bq, packed)
 
   def body(j, dq):
     keys = pl.ds(j * bk, bk)
     k = k_ref[keys, :]
     s, t = _capped_scores(q, k, softcap)
-    mask = _visible(q_block * bq, bq, j * bk, bk, valid_ref[keys], window)
+    mask = _key_mask(q_block * bq, bq, j * bk, bk, seg_ref, pos_ref, window, query_rows)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     ds = p * (_dot(do, v_ref[keys, :], 1, 1) - delta[:, None])
     if t is not None:
       ds = ds * (1.0 - t * t)
     return dq + _dot(ds.astype(k.dtype), k, 1, 0)
 
-  lo, hi = _key_block_range(q_block, bq, bk, num_k_blocks, window)
+  lo, hi = _key_block_range(q_block, bq, bk, num_k_blocks, None if packed else window)
   dq = lax.fori_loop(lo, hi, body, jnp.zeros(q_ref.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers. Shapes here are padded (T == S, a multiple of every block, H a power
-# of two) and `blocks` fitted to them. q [B, T, N, H]; k, v [B, S, K, H]; key_valid int32
-# [B, S]; lse, delta [B, N, T].
+# of two) and `blocks` fitted to them. q [B, T, N, H]; k, v [B, S, K, H]; segments and
+# positions int32 [B, S] (key_valid as segments 0 / 1, and unread positions, when unpacked);
+# lse, delta [B, N, T].
 
 
 def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
@@ -294,122 +329,166 @@ def _specs(groups: int, t: int, s: int, h: int, rows: Optional[int]):
   return q_spec, kv_spec, valid_spec, stat_spec
 
 
-def _forward(q, k, v, key_valid, *, softcap, window, blocks: BlockSizes):
+def _tpu_forward(q, k, v, segments, positions, *, softcap, window, packed: bool):
+  """TPUs: splash attention; a packed row, whose mask splash does not take, as XLA ops."""
+  if packed:
+    return attention_reference(q, k, v, segments, softcap=softcap, window=window,
+                               positions=positions, with_lse=True)
+  return _splash(q, k, v, segments, softcap=softcap, window=window, with_lse=True)
+
+
+def _forward(q, k, v, segments, positions, *, softcap, window, packed, blocks: BlockSizes):
   b, t, n, h = q.shape
   s, groups = k.shape[1], n // k.shape[2]
   bq, bk = blocks.block_q, blocks.block_k
   q_spec, kv_spec, valid_spec, stat_spec = _specs(groups, t, s, h, rows=bq)
-  kernel = functools.partial(_forward_kernel, softcap=softcap, window=window, bq=bq, bk=bk)
+  kernel = functools.partial(_forward_kernel, softcap=softcap, window=window, packed=packed,
+                             bq=bq, bk=bk)
 
-  def call(q, k, v, key_valid, interpret):
+  def call(q, k, v, segments, positions, interpret):
     return pl.pallas_call(
         kernel, grid=(b, n, t // bq),
-        in_specs=[q_spec, kv_spec, kv_spec, valid_spec],
+        in_specs=[q_spec, kv_spec, kv_spec, valid_spec, valid_spec],
         out_specs=[q_spec, stat_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
         compiler_params=_compiler_params(interpret, blocks.num_warps, blocks.num_stages),
-        interpret=interpret, name="flash_attention_forward")(q, k, v, key_valid)
+        interpret=interpret, name="flash_attention_forward")(q, k, v, segments, positions)
 
-  tpu = functools.partial(_splash, softcap=softcap, window=window, with_lse=True)
-  return _on_platform(call, tpu, q, k, v, key_valid)
+  tpu = functools.partial(_tpu_forward, softcap=softcap, window=window, packed=packed)
+  return _on_platform(call, tpu, q, k, v, segments, positions)
 
 
-def _backward(q, k, v, key_valid, out, lse, do, *, softcap, window, blocks: BlockSizes):
+def _backward(q, k, v, segments, positions, out, lse, do, *, softcap, window, packed,
+              blocks: BlockSizes):
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   groups = n // kv_heads
   bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
   delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
   do = do.astype(q.dtype)
-  statics = dict(softcap=softcap, window=window, bq=bq, bk=bk)
+  statics = dict(softcap=softcap, window=window, packed=packed, bq=bq, bk=bk)
 
   # dK, dV per query head (float32), summed over each kv head's group below.
   q_all, kv_all, valid_spec, stat_all = _specs(groups, t, s, h, rows=None)
   per_head_kv = pl.BlockSpec((None, bk, None, h), lambda b_, n_, j: (b_, j, n_, 0))
 
-  def dkdv_call(q, k, v, key_valid, do, lse, delta, interpret):
+  def dkdv_call(q, k, v, segments, positions, do, lse, delta, interpret):
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, **statics), grid=(b, n, s // bk),
-        in_specs=[q_all, kv_all, kv_all, valid_spec, q_all, stat_all, stat_all],
+        in_specs=[q_all, kv_all, kv_all, valid_spec, valid_spec, q_all, stat_all, stat_all],
         out_specs=[per_head_kv, per_head_kv],
         out_shape=[jax.ShapeDtypeStruct((b, s, n, h), jnp.float32)] * 2,
         compiler_params=_compiler_params(interpret, blocks.num_warps, blocks.num_stages),
-        interpret=interpret, name="flash_attention_dkdv")(q, k, v, key_valid, do, lse, delta)
+        interpret=interpret, name="flash_attention_dkdv")(q, k, v, segments, positions, do,
+                                                           lse, delta)
 
   q_rows, _, _, stat_rows = _specs(groups, t, s, h, rows=bq)
 
-  def dq_call(q, k, v, key_valid, do, lse, delta, interpret):
+  def dq_call(q, k, v, segments, positions, do, lse, delta, interpret):
     return pl.pallas_call(
         functools.partial(_dq_kernel, **statics), grid=(b, n, t // bq),
-        in_specs=[q_rows, kv_all, kv_all, valid_spec, q_rows, stat_rows, stat_rows],
+        in_specs=[q_rows, kv_all, kv_all, valid_spec, valid_spec, q_rows, stat_rows,
+                  stat_rows],
         out_specs=q_rows,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(interpret, blocks.num_warps, blocks.num_stages),
-        interpret=interpret, name="flash_attention_dq")(q, k, v, key_valid, do, lse, delta)
+        interpret=interpret, name="flash_attention_dq")(q, k, v, segments, positions, do, lse,
+                                                         delta)
 
   def per_kv_head(x, like):
     return x.reshape(b, s, kv_heads, groups, h).sum(axis=3).astype(like.dtype)
 
-  def kernels(q, k, v, key_valid, do, lse, delta, interpret):
-    args = (q, k, v, key_valid, do, lse, delta)
+  def kernels(q, k, v, segments, positions, do, lse, delta, interpret):
+    args = (q, k, v, segments, positions, do, lse, delta)
     dk, dv = dkdv_call(*args, interpret)
     return dq_call(*args, interpret), per_kv_head(dk, k), per_kv_head(dv, v)
 
-  def tpu(q, k, v, key_valid, do, lse, delta):
+  def tpu(q, k, v, segments, positions, do, lse, delta):
     # Splash attention's own backward kernels, behind its forward run again (its residuals
-    # are not ours to hand over).
+    # are not ours to hand over); a packed row's XLA ops, differentiated.
     del lse, delta
-    _, vjp = jax.vjp(lambda q, k, v: _splash(q, k, v, key_valid, softcap=softcap,
-                                             window=window, with_lse=False), q, k, v)
+    if packed:
+      forward = lambda q, k, v: attention_reference(q, k, v, segments, softcap=softcap,
+                                                    window=window, positions=positions)
+    else:
+      forward = lambda q, k, v: _splash(q, k, v, segments, softcap=softcap, window=window,
+                                        with_lse=False)
+    _, vjp = jax.vjp(forward, q, k, v)
     return vjp(do)
 
-  return _on_platform(kernels, tpu, q, k, v, key_valid, do, lse, delta)
+  return _on_platform(kernels, tpu, q, k, v, segments, positions, do, lse, delta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, key_valid, softcap, window, blocks):
-  out, _ = _forward(q, k, v, key_valid, softcap=softcap, window=window, blocks=blocks)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, segments, positions, softcap, window, packed, blocks):
+  out, _ = _forward(q, k, v, segments, positions, softcap=softcap, window=window,
+                    packed=packed, blocks=blocks)
   return out
 
 
-def _flash_fwd(q, k, v, key_valid, softcap, window, blocks):
-  out, lse = _forward(q, k, v, key_valid, softcap=softcap, window=window, blocks=blocks)
+def _flash_fwd(q, k, v, segments, positions, softcap, window, packed, blocks):
+  out, lse = _forward(q, k, v, segments, positions, softcap=softcap, window=window,
+                      packed=packed, blocks=blocks)
   # Named so that a remat policy can keep them (`SAVED_NAMES`) instead of rerunning the
   # forward kernel in the backward pass.
   out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
-  return out, (q, k, v, key_valid, out, lse)
+  return out, (q, k, v, segments, positions, out, lse)
 
 
-def _flash_bwd(softcap, window, blocks, residuals, do):
-  q, k, v, key_valid, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, key_valid, out, lse, do, softcap=softcap, window=window,
-                         blocks=blocks)
-  return dq, dk, dv, None
+def _flash_bwd(softcap, window, packed, blocks, residuals, do):
+  q, k, v, segments, positions, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, segments, positions, out, lse, do, softcap=softcap,
+                         window=window, packed=packed, blocks=blocks)
+  return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def packed_mask(segments, positions=None, window: Optional[int] = None):
+  """[B, T, T] bool: which keys each query of a row sees, from key segments [B, T] (0
+  padding, 1 seen by every later query, s >= 2 seen by the queries of segment s only) and,
+  with `window`, positions [B, T] (query sees key when their positions differ by less)."""
+  t = segments.shape[1]
+  slots = jnp.arange(t)
+  segments = jnp.asarray(segments).astype(jnp.int32)
+  keys, queries = segments[:, None, :], segments[:, :, None]
+  mask = (slots[None, None, :] <= slots[None, :, None]) & (keys != 0) & (
+      (keys == 1) | (keys == queries))
+  if window:
+    positions = jnp.asarray(positions)
+    mask = mask & ((positions[:, :, None] - positions[:, None, :]) < window)
+  return mask
+
+
 def attention_reference(q, k, v, key_valid, *, softcap: Optional[float] = None,
-                        window: Optional[int] = None):
+                        window: Optional[int] = None, positions=None, with_lse: bool = False):
   """What `flash_attention` computes, as the XLA path (`transformer.Attention`) does it:
   float32 scores [B, K, G, T, S], soft-capped, masked, softmax. The oracle of the tests and
-  the baseline of `benchmarks/attention.py`. Rows with no visible key average every value
-  uniformly here (the kernel gives zeros)."""
+  the baseline of `benchmarks/attention.py`, and the TPU path of packed rows (`positions`
+  given: `key_valid` holds segments, `packed_mask`), where `with_lse` also returns the rows'
+  log-sum-exp [B, N, T]. Rows with no visible key average every value uniformly here (the
+  kernel gives zeros)."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   s = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv_heads, n // kv_heads, h), k,
                  preferred_element_type=jnp.float32)
   if softcap:
     s = jnp.tanh(s / softcap) * softcap
-  slots = jnp.arange(t)
-  mask = (slots[None, :] <= slots[:, None])[None] & key_valid.astype(bool)[:, None, :]
-  if window:
-    mask = mask & ((slots[:, None] - slots[None, :]) < window)[None]
+  if positions is not None:
+    mask = packed_mask(key_valid, positions, window)
+  else:
+    slots = jnp.arange(t)
+    mask = (slots[None, :] <= slots[:, None])[None] & key_valid.astype(bool)[:, None, :]
+    if window:
+      mask = mask & ((slots[:, None] - slots[None, :]) < window)[None]
   s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
+  out = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
+  if with_lse:
+    return out, jax.nn.logsumexp(s, axis=-1).reshape(b, n, t)
+  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,26 +514,38 @@ def _fit_blocks(blocks: BlockSizes, length: int) -> tuple[BlockSizes, int]:
   return fitted, -(-length // tile) * tile
 
 
-def _local_attention(q, k, v, key_valid, softcap, window, blocks):
+def _local_attention(q, k, v, rows, softcap, window, blocks):
+  """`rows`: key_valid [B, T], or (segments, positions) [B, T] of packed rows."""
+  packed = isinstance(rows, tuple)
+  segments, positions = rows if packed else (rows, None)
   t, h = q.shape[1], q.shape[-1]
   blocks, length = _fit_blocks(blocks, t)
   head_dim = max(_MIN_BLOCK, _next_pow2(h))
   # Zero-padded head columns add nothing to q . k and give zero output columns; padded key
   # slots are invalid, and padded query rows are sliced away.
   q, k, v = (_pad_axis(_pad_axis(x, 3, head_dim), 1, length) for x in (q, k, v))
-  key_valid = _pad_axis(key_valid.astype(jnp.int32), 1, length)
-  out = _flash(q, k, v, key_valid, softcap, window, blocks)
+  segments = _pad_axis(segments.astype(jnp.int32), 1, length)
+  # Unpacked rows window by slots; their positions are not read.
+  positions = (segments if positions is None
+               else _pad_axis(positions.astype(jnp.int32), 1, length))
+  out = _flash(q, k, v, segments, positions, softcap, window, packed, blocks)
   return out[:, :t, :, :h]
 
 
 def flash_attention(q, k, v, key_valid, *, softcap: Optional[float] = None,
                     window: Optional[int] = None, blocks: Optional[BlockSizes] = None,
-                    logical_axes=None):
+                    logical_axes=None, positions=None):
   """Causal attention output [B, T, N, H] (q's dtype).
 
   q [B, T, N, H] (already scaled), k, v [B, T, K, H] with N a multiple of K (query head j
   uses kv head j // (N // K)); key_valid [B, T]: which key slots are real. `softcap`: scores
   s -> cap * tanh(s / cap); `window`: query t sees only keys t - window < s.
+
+  Packed rows (the solver's pairs, a shared prompt then each response): with `positions`
+  [B, T], `key_valid` holds int segments: 0 padding, 1 a key every later query sees (the
+  prompt), s >= 2 a key only the queries of segment s see (`packed_mask`); the window is then
+  measured in positions, and no key block is skipped for it. On TPUs, whose splash kernel
+  takes no such mask, packed rows run as XLA ops (`attention_reference`).
 
   `logical_axes`: (q's, k's, key_valid's) logical axis names. When given and a mesh is
   active (`parallel.with_mesh_rules`), the kernel runs per shard over the mesh axes they map
@@ -466,7 +557,8 @@ def flash_attention(q, k, v, key_valid, *, softcap: Optional[float] = None,
   _check_heads("flash_attention", q, k)
   blocks = BlockSizes() if blocks is None else blocks
   local = functools.partial(_local_attention, softcap=softcap, window=window, blocks=blocks)
-  return _per_shard(local, logical_axes, q, k, v, key_valid)
+  rows = key_valid if positions is None else (key_valid, positions)
+  return _per_shard(local, logical_axes, q, k, v, rows)
 
 
 def _check_heads(name, q, k):
@@ -477,11 +569,13 @@ def _check_heads(name, q, k):
 
 def _per_shard(local, logical_axes, q, k, v, mask, *replicated):
   """`local(q, k, v, mask, *replicated)`, per shard when a mesh is active: over the batch and
-  head axes of `logical_axes` ((q's, k's, mask's) names); axis 1 (length) is never split."""
+  head axes of `logical_axes` ((q's, k's, mask's) names); axis 1 (length) is never split.
+  `mask` may be a tuple of [B, S] arrays, each split as the mask."""
   mesh = _active_mesh()
   if logical_axes is None or mesh is None or mesh.size == 1:
     return local(q, k, v, mask, *replicated)
-  q_spec, kv_spec, mask_spec = _shard_specs(mesh, logical_axes, (q.shape, k.shape, mask.shape))
+  mask_shape = jax.tree_util.tree_leaves(mask)[0].shape
+  q_spec, kv_spec, mask_spec = _shard_specs(mesh, logical_axes, (q.shape, k.shape, mask_shape))
   if kv_spec[2] is None and q_spec[2] is not None and k.shape[2] > 1:
     # Query heads are split but kv heads cannot be (too few): give each query head its own
     # copy of its kv head so that every shard holds the kv heads its queries use.

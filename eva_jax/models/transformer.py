@@ -364,10 +364,13 @@ class Attention(nn.Module):
     if mask.ndim == 2 or flash_decoding:
       window = cfg.sliding_window if self.attn_type == LOCAL else None
       if mask.ndim == 2:
-        # Full sequences: `mask` is which keys are real; the kernel applies the causal and
-        # window rules itself.
+        # Full sequences: `mask` is which keys are real (bool), or a packed row's int32
+        # segments (`segment_ids`), windowed in positions; the kernel applies the causal,
+        # segment and window rules itself.
+        packed = mask.dtype != jnp.bool_
         enc = flash.flash_attention(q, key, value, mask, softcap=cfg.attn_logit_softcap,
-                                    window=window, logical_axes=(ACT_HEADS, ACT_KV, ACT_KEYS))
+                                    window=window, logical_axes=(ACT_HEADS, ACT_KV, ACT_KEYS),
+                                    positions=positions if packed else None)
       else:
         # One decode step: the kernel reads the cache only up to `cache_index`.
         enc = flash.flash_decode(q, key, value, mask[:, 0, :], cache_index,
@@ -555,11 +558,26 @@ class Transformer(nn.Module):
 
   def hidden_states(self, input_ids: Array, positions: Optional[Array] = None,
                     attention_mask: Optional[Array] = None, cache: Optional[Cache] = None,
-                    cache_index: Optional[Array] = None):
-    """Final-normed hidden states [B, T, D] (and the new cache when `cache` is given)."""
+                    cache_index: Optional[Array] = None, segment_ids: Optional[Array] = None):
+    """Final-normed hidden states [B, T, D] (and the new cache when `cache` is given).
+
+    `segment_ids` [B, T] (in place of `attention_mask`, with `positions`, no cache): rows
+    that pack sequences sharing a prefix, as the solver packs a pair: 0 padding, 1 the shared
+    prefix, which every later token sees, s >= 2 a sequence of its own, whose tokens see the
+    prefix and each other (causally), windowed in positions (`flash_attention.packed_mask`).
+    Both attention implementations take it; only XLA's takes a [B, T, T] mask.
+    """
     cfg = self.config
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, t = input_ids.shape
+    if segment_ids is not None:
+      if attention_mask is not None or cache is not None or positions is None:
+        raise ValueError("Transformer: segment_ids (packed rows) take the place of "
+                         "attention_mask, need positions (each token's position in its own "
+                         "sequence) and no cache.")
+      segment_ids = jnp.asarray(segment_ids).astype(jnp.int32)
+      if cfg.attention_impl != "flash":
+        attention_mask = flash.packed_mask(segment_ids)
     if cache is None:
       if attention_mask is not None and attention_mask.ndim == 3:
         key_valid = None
@@ -567,12 +585,15 @@ class Transformer(nn.Module):
         key_valid = (input_ids != cfg.pad_id) if attention_mask is None else attention_mask
       if positions is None:
         positions = default_positions(input_ids, cfg.pad_id, key_valid)
-      if cfg.attention_impl == "flash":
+      if segment_ids is not None and cfg.attention_impl == "flash":
+        # int32 segments in place of the [B, T] key mask (see `Attention`).
+        global_mask = local_mask = segment_ids
+      elif cfg.attention_impl == "flash":
         if key_valid is None:
           raise ValueError("Transformer: attention_impl='flash' applies the causal and window "
                            "rules itself and takes attention_mask as [B, T] (which keys are "
-                           "real), not a [B, T, T] mask; pass the [B, T] mask or use "
-                           "attention_impl='xla'.")
+                           "real), not a [B, T, T] mask; pass the [B, T] mask (or "
+                           "segment_ids for packed rows) or use attention_impl='xla'.")
         # Attention sees [B, T] key validity in place of a mask (see `Attention`).
         global_mask = local_mask = jnp.asarray(key_valid).astype(bool)
       elif key_valid is None:
@@ -626,10 +647,12 @@ class Transformer(nn.Module):
   def __call__(self, input_ids: Array, positions: Optional[Array] = None,
                attention_mask: Optional[Array] = None, cache: Optional[Cache] = None,
                cache_index: Optional[Array] = None, return_hidden: bool = False,
-               logits_over_cap: bool = False):
+               logits_over_cap: bool = False, segment_ids: Optional[Array] = None):
     """Logits [B, T, V] (float32; divided by the final soft-cap with `logits_over_cap`), or
-    hidden states with `return_hidden`; with a cache, also returns the new cache."""
-    x, new_cache = self.hidden_states(input_ids, positions, attention_mask, cache, cache_index)
+    hidden states with `return_hidden`; with a cache, also returns the new cache.
+    `segment_ids`: packed rows (see `hidden_states`)."""
+    x, new_cache = self.hidden_states(input_ids, positions, attention_mask, cache, cache_index,
+                                      segment_ids)
     out = x if return_hidden else nn.with_logical_constraint(self.unembed(x, logits_over_cap),
                                                              ACT_VOCAB)
     return (out, new_cache) if cache is not None else out

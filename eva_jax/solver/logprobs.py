@@ -192,7 +192,9 @@ class SharedPromptRows(NamedTuple):
   """A pair batch packed one row per pair, the prompt once (see `pack_shared_prompt`)."""
   tokens: Array  # int32 [B, L]: chosen row, then the rejected row past the shared prefix, pad
   positions: Array  # int32 [B, L]: each token's position in its own (unpacked) row
-  attention_mask: Array  # bool [B, L, L]
+  # int32 [B, L]: 1 the shared prefix, 2 the chosen response, 3 the rejected one, 0 padding
+  # (the model's `segment_ids`: a response's tokens see the prefix and their own response).
+  segment_ids: Array
   rejected_slots: Array  # int32 [B, T]: packed slot of each rejected-row slot (clipped)
 
 
@@ -232,14 +234,11 @@ def pack_shared_prompt(batch: Mapping[str, Array], pad_id: int, length: int) -> 
   positions = jnp.where(
       in_chosen, take(default_positions(chosen, pad_id), chosen_src),
       jnp.where(in_rejected, take(default_positions(rejected, pad_id), rejected_src), 0))
-  # Segments: 0 the shared prefix, 1 the chosen row's own tokens, 2 the rejected's, 3 padding.
-  segment = jnp.where(slots < shared, 0, jnp.where(in_chosen, 1, jnp.where(in_rejected, 2, 3)))
-  key_ok = (tokens != pad_id)[:, None, :] & (
-      (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
-  causal = slots[:, :, None] >= slots[:, None, :]
+  segment_ids = jnp.where(tokens == pad_id, 0, jnp.where(
+      slots < shared, 1, jnp.where(in_chosen, 2, jnp.where(in_rejected, 3, 0))))
   row_slots = jnp.arange(t, dtype=jnp.int32)[None]
   rejected_slots = jnp.where(row_slots < shared, row_slots, row_slots - shared + chosen_end)
-  return SharedPromptRows(tokens, positions, causal & key_ok,
+  return SharedPromptRows(tokens, positions, segment_ids.astype(jnp.int32),
                           jnp.minimum(rejected_slots, length - 1))
 
 
@@ -251,7 +250,7 @@ def _shared_prompt_pair_logps(model: nn.Module, params: Any, batch: Mapping[str,
   length = batch_lib.shared_prompt_length(t, scored_length)
   packed = pack_shared_prompt(batch, pad_id, length)
   hidden = model.apply({"params": params}, packed.tokens, positions=packed.positions,
-                       attention_mask=packed.attention_mask, return_hidden=True)  # [B, L, D]
+                       segment_ids=packed.segment_ids, return_hidden=True)  # [B, L, D]
   scored = t if scored_length is None else min(scored_length, t)
   identity = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
   sides = []
@@ -283,17 +282,13 @@ def pair_logps(model: nn.Module, params: Any, batch: Mapping[str, Array], *,
     share_prompt: run each pair as one packed row (`pack_shared_prompt`) of
       `shared_prompt_length(T, scored_length)` tokens, the prompt once, instead of two rows
       of T: the same log-probs, with the prompt's share of the forward and backward work
-      saved. Needs the model's `attention_impl = "xla"` (a [B, L, L] mask).
+      saved. Either attention implementation (the model's `segment_ids`).
 
   Returns:
     PreferenceLogps with [B] fields (reference fields None unless `with_reference`).
   """
   b, t = batch["chosen_tokens"].shape
   if share_prompt:
-    if model.config.attention_impl != "xla":
-      raise ValueError("pair_logps: share_prompt packs each pair in one row with a [B, L, L] "
-                       "attention mask, which attention_impl='flash' does not take; use "
-                       "share_prompt=False or attention_impl='xla'.")
     total, count = _shared_prompt_pair_logps(model, params, batch, chunk_size=chunk_size,
                                              scored_length=scored_length)
   else:

@@ -120,16 +120,17 @@ def _step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
   return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
 
 
-def _resolve_share_prompt(share_prompt: Optional[bool], model: nn.Module,
+def _resolve_share_prompt(share_prompt: Optional[bool], model: nn.Module, mesh: Mesh,
                           scored_length: Optional[int], where: str) -> bool:
-  """None -> on where it applies; True where it does not -> ValueError naming `where`."""
-  flash = model.config.attention_impl != "xla"
+  """None -> on where it applies and pays: with a scored length, but not for the fused
+  attention on TPUs, where splash takes no packed row's mask and packed rows run XLA's
+  attention (compiled for a v5p chip, gemma2_2b's mixed-precision step moved 277.9 GB that
+  way against 80.0 as two rows through splash); True where it does not apply -> ValueError
+  naming `where`."""
   if share_prompt is None:
-    return scored_length is not None and not flash
-  if share_prompt and flash:
-    raise ValueError(f"{where}: share_prompt=True packs each pair in one row with a full "
-                     "attention mask, which attention_impl='flash' does not take; set "
-                     f"{where}.share_prompt = None (on where it applies) or False.")
+    fused_on_tpu = (model.config.attention_impl == "flash"
+                    and mesh.devices.flat[0].platform == "tpu")
+    return scored_length is not None and not fused_on_tpu
   if share_prompt and scored_length is None:
     raise ValueError(f"{where}: share_prompt=True needs scored_length (a pair's packed row "
                      "is T + scored_length tokens; the sampler's max_new_tokens), or set "
@@ -170,7 +171,7 @@ class TrainStep:
     if scored_length is not None and scored_length < 1:
       raise ValueError(f"TrainStep: scored_length must be >= 1 (or None), got {scored_length}.")
     self.scored_length = scored_length
-    self.share_prompt = _resolve_share_prompt(share_prompt, model, scored_length,
+    self.share_prompt = _resolve_share_prompt(share_prompt, model, mesh, scored_length,
                                               "make_train_step")
     self.model, self.optimizer, self.loss_fn, self.mesh = model, optimizer, loss_fn, mesh
     self.rules = parallel.logical_axis_rules() if rules is None else rules
@@ -280,7 +281,8 @@ def make_reference_fn(model: nn.Module, mesh: Mesh, rules=None, *, chunk_size: i
   `scored_length` and `share_prompt` as `TrainStep`'s (with `share_prompt` the rows must be
   pairs, chosen then rejected: rows 2i and 2i + 1, as `reference_logps` passes them)."""
   rules = parallel.logical_axis_rules() if rules is None else rules
-  share_prompt = _resolve_share_prompt(share_prompt, model, scored_length, "make_reference_fn")
+  share_prompt = _resolve_share_prompt(share_prompt, model, mesh, scored_length,
+                                       "make_reference_fn")
   if param_shardings is None:
     axes, abstract = parallel.params_logical_axes(model, jax.ShapeDtypeStruct((1, 8), jnp.int32))
     param_shardings = parallel.logical_shardings(axes, mesh, rules, abstract)
@@ -333,7 +335,8 @@ def reference_logps(model: nn.Module, params: Any, pairs: Mapping[str, np.ndarra
     {"ref_chosen_logps": float32 [N], "ref_rejected_logps": float32 [N]}; add them to the pairs.
   """
   rules = parallel.logical_axis_rules() if rules is None else rules
-  share_prompt = _resolve_share_prompt(share_prompt, model, scored_length, "reference_logps")
+  share_prompt = _resolve_share_prompt(share_prompt, model, mesh, scored_length,
+                                       "reference_logps")
   batch_lib.validate_pair_batch(pairs, pad_id=model.config.pad_id, scored_length=scored_length,
                                 share_prompt=share_prompt)
   n, t = np.shape(pairs["chosen_tokens"])

@@ -15,7 +15,8 @@ from flax import linen as nn
 
 from eva_jax import parallel
 from eva_jax.models import Transformer, get_config
-from eva_jax.models.flash_attention import BlockSizes, attention_reference, flash_attention
+from eva_jax.models.flash_attention import (BlockSizes, attention_reference, flash_attention,
+                                             packed_mask)
 
 SMALL = BlockSizes(16, 16, 16, 16)
 
@@ -206,7 +207,9 @@ def test_tpu_path_splash_attention_matches_reference():
   out, lse = F._splash(q, k, v, valid, with_lse=True, interpret=True, **statics)
   assert _max_rel_err(out, attention_reference(q, k, v, valid, **statics),
                       rows[:, :, None, None]) < 1e-5
-  _, gpu_lse = F._forward(q, k, v, valid.astype(jnp.int32), blocks=BlockSizes(), **statics)
+  valid32 = valid.astype(jnp.int32)
+  _, gpu_lse = F._forward(q, k, v, valid32, valid32, packed=False, blocks=BlockSizes(),
+                         **statics)
   assert _max_rel_err(lse, gpu_lse, rows[:, None, :]) < 1e-5
 
   # A length that splash's 128-slot tiles do not divide: padded, then cut.
@@ -305,3 +308,96 @@ def test_decode_kernel_matches_reference_and_skips_unwritten_blocks(cache_index,
 def test_decode_blocks_divide_the_cache():
   from eva_jax.models import flash_attention as F  # pylint: disable=import-outside-toplevel
   assert [F.decode_block(s) for s in (64, 80, 96, 128, 512, 40)] == [64, 16, 32, 64, 64, 16]
+
+
+def _packed_rows(b, t, seed=0):
+  """Segments and positions [B, T] of rows packed as the solver packs a pair: a prompt
+  (segment 1), a chosen response (2) and a rejected one (3) whose positions continue the
+  prompt's, then padding (0)."""
+  rng = np.random.default_rng(seed)
+  segments, positions = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+  for row in range(b):
+    prompt, chosen, rejected = rng.integers(1, t // 3, size=3)
+    ends = np.cumsum([prompt, chosen, rejected])
+    segments[row, :ends[0]], segments[row, ends[0]:ends[1]] = 1, 2
+    segments[row, ends[1]:ends[2]] = 3
+    positions[row, :ends[1]] = np.arange(ends[1])
+    positions[row, ends[1]:ends[2]] = prompt + np.arange(rejected)
+  return jnp.asarray(segments), jnp.asarray(positions)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_packed_rows_match_reference_values_and_gradients(window):
+  """Packed rows: a response's keys seen by its own queries only, the window in positions
+  (a rejected token sees prompt keys further back in slots than the window, not in
+  positions); values at real rows and all gradients equal XLA's attention under
+  `packed_mask`."""
+  b, t, n, kv, h = 3, 45, 4, 2, 16
+  q, k, v, _ = _inputs(b, t, n, kv, h, jnp.float32, pad_rows=())
+  segments, positions = _packed_rows(b, t)
+  mask = np.asarray(packed_mask(segments, positions, window))
+  if window:  # the case the test is about: visible in positions, out of the window in slots
+    slots = np.arange(t)
+    assert (mask & ((slots[:, None] - slots[None, :]) >= window)[None]).any()
+  rows = (np.asarray(segments) != 0)[:, :, None, None]
+  kw = dict(softcap=5.0, window=window)
+  flash = lambda q, k, v: flash_attention(q, k, v, segments, positions=positions,
+                                          blocks=SMALL, **kw)
+  ref = lambda q, k, v: attention_reference(q, k, v, segments, positions=positions, **kw)
+  assert _max_rel_err(flash(q, k, v), ref(q, k, v), rows) < 1e-5
+  # Against the plain XLA attention with the mask spelled out.
+  kv_heads, groups = kv, n // kv
+  s = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv_heads, groups, h), k)
+  s = jnp.where(jnp.asarray(mask)[:, None, None], jnp.tanh(s / 5.0) * 5.0, -1e30)
+  spelled = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(s, -1), v).reshape(b, t, n, h)
+  assert _max_rel_err(flash(q, k, v), spelled, rows) < 1e-5
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * rows
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+  got = jax.grad(loss(flash), (0, 1, 2))(q, k, v)
+  want = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
+  for g, w_, what in zip(got, want, "qkv"):
+    assert _max_rel_err(g, w_) < 1e-5, what
+
+
+def test_packed_rows_on_tpus_run_as_xla_ops():
+  """Lowered for a TPU, packed rows take the XLA attention (splash takes no such mask)."""
+  q, k, v, _ = _inputs(1, 32, 2, 1, 16, jnp.float32, pad_rows=())
+  segments, positions = _packed_rows(1, 32)
+  fn = jax.jit(jax.grad(lambda q: jnp.sum(flash_attention(
+      q, k, v, segments, positions=positions, softcap=5.0, window=7, blocks=SMALL))))
+  text = jax.export.export(fn, platforms=["tpu"])(q).mlir_module()
+  assert "tpu_custom_call" not in text and "stablehlo.dot_general" in text
+  unpacked = jax.jit(jax.grad(lambda q: jnp.sum(flash_attention(
+      q, k, v, segments != 0, softcap=5.0, window=7, blocks=SMALL))))
+  assert "tpu_custom_call" in jax.export.export(unpacked, platforms=["tpu"])(q).mlir_module()
+
+
+def test_packed_rows_through_the_model_sharded_equal_xla():
+  """`segment_ids` through the model: the fused kernel per shard (batch, heads) on packed
+  rows gives XLA's logits and gradients (its [B, T, T] mask built from the same segments)."""
+  cfg = get_config("tiny", scan_layers=True)
+  ids = _ids(cfg, batch=4, length=24)
+  segments, positions = _packed_rows(4, 24, seed=3)
+  ids = jnp.where(segments == 0, cfg.pad_id, ids)
+  rows = np.asarray(segments != 0)[..., None]
+
+  def loss(model):
+    def fn(params):
+      logits = model.apply(params, ids, positions=positions, segment_ids=segments)
+      return jnp.sum(jnp.where(rows, jax.nn.log_softmax(logits)[..., :5], 0.0)), logits
+    return fn
+
+  xla = Transformer(cfg, remat="full")
+  params = nn.unbox(xla.init(jax.random.key(1), ids))
+  (_, want_logits), want = jax.value_and_grad(loss(xla), has_aux=True)(params)
+  fused = Transformer(cfg.replace(attention_impl="flash"), remat="full")
+  mesh = parallel.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded = jax.device_put(params, {"params": parallel.params_shardings(fused, mesh, None, ids)})
+  with parallel.with_mesh_rules(mesh):
+    (_, logits), got = jax.jit(jax.value_and_grad(loss(fused), has_aux=True))(sharded)
+  assert _max_rel_err(logits, want_logits, rows) < 1e-5
+  for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got),
+                                 jax.tree_util.tree_leaves(want)):
+    assert _max_rel_err(got_leaf, want_leaf) < 1e-4
+  with pytest.raises(ValueError, match="segment_ids .* need positions"):
+    xla.apply(params, ids, segment_ids=segments)

@@ -3,6 +3,8 @@ layout, the same log-probs and gradients as two rows (Gemma 2's sliding window c
 Gemma 1, scanned layers, prompts that differ), the host check, and when the train step
 turns it on."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from eva_jax.models import Transformer, get_config
 from eva_jax.solver import (TrainStep, create_train_state, get_loss_fn, make_optimizer,
                             make_pair_batch, make_policy_model, pair_logps, reference_logps)
 from eva_jax.solver import batch as batch_lib
+from eva_jax.models.flash_attention import packed_mask
 from eva_jax.solver.logprobs import pack_shared_prompt
 
 PAD = 0
@@ -31,7 +34,9 @@ def test_packing_lays_out_prompt_chosen_rejected():
   # The rejected response keeps its own row's positions (after the prompt).
   np.testing.assert_array_equal(packed.positions[0, :6], [0, 1, 2, 3, 4, 2])
   np.testing.assert_array_equal(packed.positions[1, :4], [0, 1, 1, 2])
-  mask = np.asarray(packed.attention_mask)
+  np.testing.assert_array_equal(packed.segment_ids, [[1, 1, 2, 2, 2, 3, 0, 0, 0],
+                                                     [1, 2, 3, 3, 0, 0, 0, 0, 0]])
+  mask = np.asarray(packed_mask(packed.segment_ids))
   # Pair 0's rejected token (slot 5) sees the prompt and itself, not the chosen response.
   np.testing.assert_array_equal(mask[0, 5], [1, 1, 0, 0, 0, 1, 0, 0, 0])
   np.testing.assert_array_equal(mask[0, 4], [1, 1, 1, 1, 1, 0, 0, 0, 0])
@@ -80,10 +85,13 @@ def _assert_same_logps_and_grads(model, params, batch, scored_length):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("name,scan,scored_length", [
-    ("tiny", False, 24), ("tiny", False, None), ("tiny", True, 24), ("tiny_gemma1", False, 24)])
-def test_one_packed_row_equals_two_rows(name, scan, scored_length):
-  config = get_config(name, dtype="float32", param_dtype="float32", scan_layers=scan)
+@pytest.mark.parametrize("name,scan,scored_length,attention_impl", [
+    ("tiny", False, 24, "xla"), ("tiny", False, None, "xla"), ("tiny", True, 24, "xla"),
+    ("tiny_gemma1", False, 24, "xla"), ("tiny", True, 24, "flash")])
+def test_one_packed_row_equals_two_rows(name, scan, scored_length, attention_impl):
+  """The fused kernel takes packed rows too (segments, the window in positions)."""
+  config = get_config(name, dtype="float32", param_dtype="float32", scan_layers=scan,
+                      attention_impl=attention_impl)
   model, params = _model_and_params(config)
   batch = _long_pairs(config)
   assert batch_lib.packed_pair_lengths(batch, PAD).max() > 3 * (config.sliding_window or 0)
@@ -122,13 +130,19 @@ def _step(attention_impl="xla", **kw):
 def test_train_step_shares_the_prompt_where_it_applies():
   assert _step(scored_length=8).share_prompt
   assert not _step().share_prompt  # without scored_length a packed row would be ~2T
-  assert not _step(attention_impl="flash", scored_length=8).share_prompt
+  assert _step(attention_impl="flash", scored_length=8).share_prompt
   assert not _step(scored_length=8, share_prompt=False).share_prompt
-  with pytest.raises(ValueError,
-                     match="make_train_step: share_prompt=True .* attention_impl='flash'"):
-    _step(attention_impl="flash", scored_length=8, share_prompt=True)
-  with pytest.raises(ValueError, match="needs scored_length"):
+  with pytest.raises(ValueError, match="make_train_step: share_prompt=True needs scored_length"):
     _step(share_prompt=True)
+  # On TPUs the fused attention (splash) takes no packed row's mask: pairs stay two rows
+  # there unless asked for.
+  from eva_jax.solver.train_step import _resolve_share_prompt  # noqa: PLC0415
+  tpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
+  flash = make_policy_model(get_config("tiny"), attention_impl="flash")
+  xla = make_policy_model(get_config("tiny"), attention_impl="xla")
+  assert not _resolve_share_prompt(None, flash, tpu_mesh, 8, "here")
+  assert _resolve_share_prompt(None, xla, tpu_mesh, 8, "here")
+  assert _resolve_share_prompt(True, flash, tpu_mesh, 8, "here")
 
 
 def test_train_step_refuses_pairs_that_do_not_share_their_prompt():
