@@ -81,7 +81,7 @@ case "$PART" in
     # mixed_precision.gin (bfloat16 params with a float32 master copy, bfloat16 first moment,
     # remat "dots"; one row a pair: XLA counts 97.6 TFLOP a step against 121.7 as two rows),
     # then Tunix. Compiled for one H200 by XLA:GPU without a GPU (--aot_topology h200-1) the
-    # two take 43.8 and 44.2 GiB with jax 0.10.2 (the GPU image's 0.11.2 gave the default
+    # two take 43.8 and 44.0 GiB with jax 0.10.2 (the GPU image's 0.11.2 gave the default
     # 41.9 before the unembedding's chunk VJP), Tunix's step 46.3; the first session's
     # unrolled default, 37.2 compiled, peaked at 40.5 GiB on an H200 and Tunix at 53.7. Sampler: the default (threshold top-p,
     # gathered bfloat16 params, one decode loop, XLA decode attention over the whole cache;
