@@ -13,10 +13,10 @@ key slot s when s <= t, `key_valid[b, s]`, and, with a window W, t - s < W. Key 
 the causal bound or the window rule out are never visited. Packed rows (a pair's shared
 prompt, then its chosen and its rejected response) add segments and positions: a response's
 key is seen by its own response's queries only, and the window is measured in positions
-(`packed_mask`), so that each token sees what it sees in its own unpacked row. A query row with no visible key
-(a left-padding position) gets a zero output instead of XLA's uniform average; such rows
-never reach a real token's output or the loss, so logits and gradients at real positions
-agree with the XLA path.
+(`packed_mask`), so that each token sees what it sees in its own unpacked row. A query row
+with no visible key (a left-padding position) gets a zero output instead of XLA's uniform
+average; such rows never reach a real token's output or the loss, so logits and gradients at
+real positions agree with the XLA path.
 
 On a GPU the kernels lower through Triton; on the CPU they run in Pallas' interpreter (slow,
 for tests). Triton does not run on TPUs: there the same attention is JAX's splash attention

@@ -239,6 +239,17 @@ def _dot_input_dtypes(jaxpr, size=None):
           yield from _dot_input_dtypes(inner, size)
 
 
+def _assert_gradients_match(got, want, dtype, float32_rtol: float):
+  """Gradients in `dtype`: equal to autodiff's in float32, to bfloat16's precision in it."""
+  for g, w in zip(got, want):
+    assert g.dtype == dtype and g.shape == w.shape
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(g, w, rtol=float32_rtol, atol=1e-6)
+    else:
+      np.testing.assert_allclose(g, w, rtol=0.05, atol=0.02 * np.abs(w).max())
+
+
 @pytest.mark.parametrize("spec,x_shape,y_shape", [
     ("...d,vd->...v", (3, 5, 32), (384, 32)),  # the unembedding
     ("btkgh,bskh->bkgts", (2, 7, 2, 3, 16), (2, 9, 2, 16)),  # attention scores, grouped
@@ -262,13 +273,7 @@ def test_einsum_f32_backward_runs_in_the_compute_dtype(spec, x_shape, y_shape):
   autodiff = jax.grad(functools.partial(loss, plain), (0, 1))
   for dtype in (jnp.float32, jnp.bfloat16):
     args = (x.astype(dtype), y.astype(dtype))
-    for g, w in zip(ours(*args), autodiff(*args)):
-      assert g.dtype == dtype and g.shape == w.shape
-      g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-      if dtype == jnp.float32:
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
-      else:
-        np.testing.assert_allclose(g, w, rtol=0.05, atol=0.02 * np.abs(w).max())
+    _assert_gradients_match(ours(*args), autodiff(*args), dtype, float32_rtol=1e-6)
   args = (x.astype(jnp.bfloat16), y.astype(jnp.bfloat16))
   ours_dots = list(_dot_input_dtypes(jax.make_jaxpr(ours)(*args).jaxpr))
   plain_dots = list(_dot_input_dtypes(jax.make_jaxpr(autodiff)(*args).jaxpr))
@@ -324,13 +329,7 @@ def test_attention_scores_and_gradients_equal_autodiffs(dtype):
                              rtol=1e-6, atol=1e-5)
   ours = jax.grad(functools.partial(loss, transformer.attention_scores), (0, 1))(qg, key)
   want = jax.grad(functools.partial(loss, plain), (0, 1))(qg, key)
-  for g, w in zip(ours, want):
-    assert g.dtype == dtype and g.shape == w.shape
-    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    if dtype == jnp.float32:
-      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
-    else:
-      np.testing.assert_allclose(g, w, rtol=0.05, atol=0.02 * np.abs(w).max())
+  _assert_gradients_match(ours, want, dtype, float32_rtol=1e-5)
 
 
 def test_remat_dots_all_keeps_the_attention_scores():
