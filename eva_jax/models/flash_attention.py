@@ -476,13 +476,9 @@ def attention_reference(q, k, v, key_valid, *, softcap: Optional[float] = None,
                  preferred_element_type=jnp.float32)
   if softcap:
     s = jnp.tanh(s / softcap) * softcap
-  if positions is not None:
-    mask = packed_mask(key_valid, positions, window)
-  else:
-    slots = jnp.arange(t)
-    mask = (slots[None, :] <= slots[:, None])[None] & key_valid.astype(bool)[:, None, :]
-    if window:
-      mask = mask & ((slots[:, None] - slots[None, :]) < window)[None]
+  if positions is None:  # an unpacked row: keys of segment 0 / 1, its slots its positions
+    positions = jnp.broadcast_to(jnp.arange(t), key_valid.shape)
+  mask = packed_mask(key_valid, positions, window)
   s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)

@@ -272,8 +272,7 @@ def decode_scores_multiply_reduce(qg: Array, key: Array) -> Array:
 
 def decode_scores_dot(qg: Array, key: Array) -> Array:
   """`decode_scores_multiply_reduce` as one batched matmul over (B, K)."""
-  return jnp.einsum("btkgh,bskh->bkgts", qg, key.astype(qg.dtype),
-                    preferred_element_type=jnp.float32)
+  return _scores_as_given(qg, key.astype(qg.dtype))
 
 
 def decode_values_multiply_reduce(probs: Array, value: Array) -> Array:
