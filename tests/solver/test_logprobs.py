@@ -226,3 +226,60 @@ def test_float32_table_is_cast_once_outside_the_chunk_loops(small_config, pairs_
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.03 * np.abs(b).max())
+
+
+def test_log_normaliser_of_bounded_logits_equals_logsumexp():
+  """One pass (no max) for logits within a soft-cap; the shifted form otherwise."""
+  rng = np.random.default_rng(0)
+  v = 256000
+  rows = [rng.uniform(-30, 30, v), np.full(v, -30.0), np.full(v, 30.0),
+          np.where(np.arange(v) == 7, 30.0, -30.0), rng.normal(0, 3, v)]
+  logits = jnp.asarray(np.stack(rows), jnp.float32)
+  want = jax.nn.logsumexp(logits.astype(jnp.float64) if jax.config.jax_enable_x64 else logits,
+                          axis=-1)
+  got = jax.jit(lambda x: logprobs.log_normaliser(x, 30.0))(logits)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+  # One pass: a sum of exps, no max over the row.
+  primitives = {e.primitive.name for e in jax.make_jaxpr(
+      lambda x: logprobs.log_normaliser(x, 30.0))(logits).jaxpr.eqns}
+  assert "reduce_sum" in primitives and "reduce_max" not in primitives, primitives
+  # Unbounded (or too loose a bound for one pass): exp would overflow; the max is subtracted.
+  big = logits * 40.0
+  for bound in (None, 1200.0):
+    got = jax.jit(lambda x: logprobs.log_normaliser(x, bound))(big)
+    np.testing.assert_allclose(got, jax.nn.logsumexp(big, axis=-1), rtol=1e-6)
+    assert np.isfinite(np.asarray(got)).all()
+
+
+def _vocab_reductions(jaxpr, vocab):
+  """Names of the reductions over a last axis of `vocab` entries in `jaxpr` and nested ones."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("reduce_max", "reduce_sum"):
+      shape = eqn.invars[0].aval.shape
+      if shape and shape[-1] == vocab and len(shape) - 1 in eqn.params["axes"]:
+        yield eqn.primitive.name
+    for p in eqn.params.values():
+      for inner in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _vocab_reductions(inner, vocab)
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+def test_backward_reuses_the_forward_log_normaliser(small_config, pairs_factory, cap):
+  """The backward chunk reads the log-normaliser the forward computed: the only reductions over
+  the vocabulary in the gradient's program are the forward's (one sum for soft-capped logits,
+  a max and a sum without a cap; before, the backward recomputed both). Gradients equal the
+  full logits'."""
+  cfg = small_config.replace(final_logit_softcap=cap)
+  model, params, pairs = _setup(cfg, pairs_factory)
+  tokens, mask = pairs["chosen_tokens"], pairs["chosen_loss_mask"]
+  w = jnp.array([1.0, -2.0, 0.5])
+  loss = lambda p: sequence_logps(model, p, tokens, mask, chunk_size=7)[0] @ w
+  found = sorted(_vocab_reductions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr,
+                                   cfg.vocab_size))
+  assert found == (["reduce_sum"] if cap else ["reduce_max", "reduce_sum"]), found
+  g = jax.jit(jax.grad(loss))(params)
+  g_ref = jax.jit(jax.grad(lambda p: _naive(model, p, tokens, mask)[0] @ w))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
