@@ -1,5 +1,7 @@
 """Mesh construction, shape-aware shardings, and the multi-process harness."""
 
+import tempfile
+
 import jax
 import numpy as np
 import pytest
@@ -55,11 +57,22 @@ def _process_info(n):
 
 
 @pytest.mark.multiprocess
-def test_two_processes_build_one_global_batch():
+def test_two_processes_build_one_global_batch(tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   results = run_in_processes("tests.test_parallel:_process_info", num_processes=2,
                              devices_per_process=2, kwargs={"n": 4})
+  assert not list(tmp_path.iterdir())  # the harness's logs and results went with the call
   assert [r["index"] for r in results] == [0, 1]
   assert all(r["count"] == 2 for r in results)
   for r in results:
     assert r["sum"] == float(np.arange(8).sum())
     np.testing.assert_array_equal(r["gathered"][:, 0], np.arange(8))
+
+
+@pytest.mark.multiprocess
+def test_a_failing_process_is_reported_with_its_output_and_leaves_nothing(tmp_path,
+                                                                          monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  with pytest.raises(RuntimeError, match=r"(?s)process 0 \(exit 1\).*no_such_function"):
+    run_in_processes("tests.test_parallel:no_such_function", num_processes=2)
+  assert not list(tmp_path.iterdir())

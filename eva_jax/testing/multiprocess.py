@@ -55,7 +55,15 @@ def run_in_processes(target: str, num_processes: int = 2, devices_per_process: i
   Raises RuntimeError with every process's output when one fails or times out.
   """
   addr = f"127.0.0.1:{free_port()}"
-  tmp = tempfile.mkdtemp(prefix="eva_mp_")
+  # The processes' logs and results live only as long as this call (they were left in the
+  # system's temp folder, one folder a call, before).
+  with tempfile.TemporaryDirectory(prefix="eva_mp_") as tmp:
+    return _run(tmp, target, addr, num_processes, devices_per_process, kwargs, timeout,
+                extra_env)
+
+
+def _run(tmp: str, target: str, addr: str, num_processes: int, devices_per_process: int,
+         kwargs: Optional[dict], timeout: float, extra_env: Optional[dict]) -> list[Any]:
   kwargs_file = os.path.join(tmp, "kwargs.pkl")
   with open(kwargs_file, "wb") as f:
     pickle.dump(kwargs or {}, f)
@@ -65,31 +73,40 @@ def run_in_processes(target: str, num_processes: int = 2, devices_per_process: i
   env.update(extra_env or {})
   paths = [p for p in sys.path if p] + [os.getcwd()]
   procs, logs = [], []
-  for pid in range(num_processes):
-    out_file = os.path.join(tmp, f"result_{pid}.pkl")
-    code = _CHILD.format(paths=paths, addr=addr, n=num_processes, pid=pid,
-                         dpp=devices_per_process, target=target, kwargs_file=kwargs_file,
-                         out_file=out_file)
-    log = open(os.path.join(tmp, f"log_{pid}.txt"), "w+")
-    logs.append(log)
-    procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT))
-  failed = False
-  for p in procs:
-    try:
-      failed |= p.wait(timeout=timeout) != 0
-    except subprocess.TimeoutExpired:
-      failed = True
-      for q in procs:
+  try:
+    for pid in range(num_processes):
+      out_file = os.path.join(tmp, f"result_{pid}.pkl")
+      code = _CHILD.format(paths=paths, addr=addr, n=num_processes, pid=pid,
+                           dpp=devices_per_process, target=target, kwargs_file=kwargs_file,
+                           out_file=out_file)
+      log = open(os.path.join(tmp, f"log_{pid}.txt"), "w+")
+      logs.append(log)
+      procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT))
+    failed = False
+    for p in procs:
+      try:
+        failed |= p.wait(timeout=timeout) != 0
+      except subprocess.TimeoutExpired:
+        failed = True
+        for q in procs:
+          q.kill()
+    if failed:
+      outputs = []
+      for pid, log in enumerate(logs):
+        log.seek(0)
+        outputs.append(f"--- process {pid} (exit {procs[pid].returncode}) ---\n"
+                       f"{log.read()[-6000:]}")
+      raise RuntimeError(f"run_in_processes({target}) failed:\n" + "\n".join(outputs))
+    results = []
+    for pid in range(num_processes):
+      with open(os.path.join(tmp, f"result_{pid}.pkl"), "rb") as f:
+        results.append(pickle.load(f))
+    return results
+  finally:
+    for q in procs:  # interrupted: none may outlive the folder it writes into
+      if q.poll() is None:
         q.kill()
-  if failed:
-    outputs = []
-    for pid, log in enumerate(logs):
-      log.seek(0)
-      outputs.append(f"--- process {pid} (exit {procs[pid].returncode}) ---\n{log.read()[-6000:]}")
-    raise RuntimeError(f"run_in_processes({target}) failed:\n" + "\n".join(outputs))
-  results = []
-  for pid in range(num_processes):
-    with open(os.path.join(tmp, f"result_{pid}.pkl"), "rb") as f:
-      results.append(pickle.load(f))
-  return results
+        q.wait()
+    for log in logs:
+      log.close()
