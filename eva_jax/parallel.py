@@ -188,6 +188,12 @@ def replicated_over_batch(rules=None) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform the mesh's devices are on ("cpu", "gpu", "tpu"), for choices made when a
+  program is built for them; the devices of a topology compiled ahead of time say theirs."""
+  return mesh.devices.flat[0].platform
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
   """Sharding of a [batch, ...] array: batch over the data axes, the rest replicated."""
   rules = logical_axis_rules() if rules is None else rules

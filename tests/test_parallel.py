@@ -76,3 +76,7 @@ def test_a_failing_process_is_reported_with_its_output_and_leaves_nothing(tmp_pa
   with pytest.raises(RuntimeError, match=r"(?s)process 0 \(exit 1\).*no_such_function"):
     run_in_processes("tests.test_parallel:no_such_function", num_processes=2)
   assert not list(tmp_path.iterdir())
+
+
+def test_mesh_platform_is_its_devices_platform():
+  assert parallel.mesh_platform(parallel.create_mesh()) == "cpu"

@@ -191,7 +191,7 @@ class Sampler:
     # transpose the projection weights every step, while XLA:TPU reads it in place and
     # would relayout the matmul one's [D, 2, F] gate (a dimension of 2 in its tiles) once a
     # call (3.3 GiB more for gemma2_2b at 64 rows on one v5p chip).
-    on_tpu = self.mesh.devices.flat[0].platform == "tpu"
+    on_tpu = parallel.mesh_platform(self.mesh) == "tpu"
     self.decode_model = (
         Transformer(model.config.replace(
             scan_layers=False, weight_layout="checkpoint" if on_tpu else "matmul"))

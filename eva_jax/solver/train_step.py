@@ -129,7 +129,7 @@ def _resolve_share_prompt(share_prompt: Optional[bool], model: nn.Module, mesh: 
   naming `where`."""
   if share_prompt is None:
     fused_on_tpu = (model.config.attention_impl == "flash"
-                    and mesh.devices.flat[0].platform == "tpu")
+                    and parallel.mesh_platform(mesh) == "tpu")
     return scored_length is not None and not fused_on_tpu
   if share_prompt and scored_length is None:
     raise ValueError(f"{where}: share_prompt=True needs scored_length (a pair's packed row "
