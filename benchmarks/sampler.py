@@ -73,11 +73,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks.json_report import emit  # noqa: E402
 from eva_jax import aot, hlo_traffic, parallel  # noqa: E402
-from eva_jax.models import Transformer, get_config, init_cache  # noqa: E402
+from eva_jax.models import Transformer, get_config  # noqa: E402
 from eva_jax.models.config import LOCAL  # noqa: E402
 from eva_jax.models.flash_attention import decode_block  # noqa: E402
 from eva_jax.sampler import Sampler, sampling  # noqa: E402
@@ -188,36 +187,26 @@ def aot_compile(model, mesh, args, methods) -> list:
   allocated): the arguments `Sampler._run_chunk` passes, abstract."""
   cfg = model.config
   rows, p_len = args.batch * args.num_samples, args.prompt_len
-  length = p_len + args.max_new_tokens
   abstract = lambda tree, shardings: jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
   example = jnp.ones((1, 8), jnp.int32)
   _, shapes = parallel.params_logical_axes(model, example)
   params = abstract(shapes, parallel.params_shardings(model, mesh, None, example))
-  batch = lambda shape, dtype: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
-  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, P()))
   out = []
   for method in methods:
     sampler = Sampler(model, mesh, max_prompt_length=p_len, prompt_length_buckets=[p_len],
                       max_batch_rows=rows, top_p_method=method,
                       decode_params=args.decode_params, decode_segments=args.decode_segments)
-    in_length = sampler.input_cache_length(length, args.max_new_tokens)
-    cache = abstract(jax.eval_shape(lambda: init_cache(cfg, rows, in_length,
-                                                       sampler.cache_dtype)),
-                     sampler.cache_shardings(rows, in_length))
-    call_args = (sampler.decode_layout(params), cache, batch((args.batch, p_len), jnp.int32),
-                 batch((args.batch, p_len), jnp.bool_), batch((args.batch,), jnp.int32),
-                 batch((args.batch,), jnp.bool_), batch((args.batch, 4), jnp.int32),
-                 scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32))
-    statics = dict(num_samples=args.num_samples, max_new=args.max_new_tokens, greedy=False,
-                   top_k=args.top_k or None, use_top_p=args.top_p < 1)
+    decode_params = sampler.decode_layout(params)
     start = time.perf_counter()
-    compiled = sampler._compile(call_args, statics, rows, length)
+    compiled = sampler.compile_abstract(
+        decode_params, args.batch, p_len, num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens, top_k=args.top_k or None,
+        use_top_p=args.top_p < 1)
     compile_s = time.perf_counter() - start
     hlo = compiled.as_text()
     weight_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-                       for x in jax.tree_util.tree_leaves(call_args[0]))
+                       for x in jax.tree_util.tree_leaves(decode_params))
     roof = roofline(cfg, weight_bytes, rows, p_len, args.max_new_tokens,
                     jnp.dtype(sampler.cache_dtype).itemsize, 1.0,
                     sampler.segment_ends(args.max_new_tokens))

@@ -486,9 +486,6 @@ class FitCheck:
   def sampler_program(self) -> ProgramReport:
     # pylint: disable=import-outside-toplevel
     import jax
-    import jax.numpy as jnp
-    from eva_jax import parallel
-    from eva_jax.models import init_cache
     from eva_jax.sampler.sampler import pick_bucket
     cfg, s = self.cfg, self.sampler
     k = cfg.num_samples
@@ -496,25 +493,14 @@ class FitCheck:
     b = s._batch_bucket(min(chunk, cfg.sample_chunk), chunk)  # pylint: disable=protected-access
     p_len = pick_bucket(cfg.max_prompt_tokens, s.prompt_buckets, "Prompt length")
     rows, length = b * k, p_len + cfg.max_new_tokens
-    batch = lambda shape, dtype: jax.ShapeDtypeStruct(
-        shape, dtype, sharding=parallel.batch_sharding(self.mesh, len(shape), self.rules))
-    scalar = lambda dtype: jax.ShapeDtypeStruct(
-        (), dtype, sharding=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     # The program reads the sampler's decode copy of the params (`Sampler.decode_params`);
     # the train state stays resident beside it.
     params = s.decode_layout(_abstract(self.abstract_state.params, self.state_shardings.params))
     in_args = self.params_gib if s.decode_params == "as_given" else 0.0
-    in_length = s.input_cache_length(length, cfg.max_new_tokens)
-    cache_shapes = jax.eval_shape(lambda: init_cache(s.config, rows, in_length, s.cache_dtype))
-    cache = _abstract(cache_shapes, s.cache_shardings(rows, in_length))
-    args = (params, cache, batch((b, p_len), jnp.int32), batch((b, p_len), jnp.bool_),
-            batch((b,), jnp.int32), batch((b,), jnp.bool_), batch((b, 4), jnp.int32),
-            scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32))
-    use_top_p = cfg.temperature > 0 and cfg.top_p < 1.0
-    statics = dict(num_samples=k, max_new=cfg.max_new_tokens, greedy=cfg.temperature == 0,
-                   top_k=None, use_top_p=use_top_p)
     start = time.perf_counter()
-    compiled = s._compile(args, statics, rows, length)  # pylint: disable=protected-access
+    compiled = s.compile_abstract(
+        params, b, p_len, num_samples=k, max_new_tokens=cfg.max_new_tokens,
+        greedy=cfg.temperature == 0, use_top_p=cfg.temperature > 0 and cfg.top_p < 1.0)
     compile_s = time.perf_counter() - start
     # Decode segments (`Sampler.decode_segments`): steps up to each end run on a cache of the
     # slots written by then. A step is compiled on the side at the first and the last width;

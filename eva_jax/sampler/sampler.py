@@ -7,11 +7,13 @@
 
 The program (`_generate`): prefill the B prompts once with the KV cache and unembed only each
 row's last position (no [B, P, V] logits); repeat the prompt cache rows n times into the
-donated [B * n, S] decode cache (S = P + max_new_tokens); sample the first token from the
+[B * n, S] decode cache (S = P + max_new_tokens); sample the first token from the
 prefill logits; then a `lax.while_loop` feeds one token per step until every row has emitted
-one of its stop tokens or `max_new_tokens` tokens are out. Params are arguments, the cache is
-donated and returned (so XLA updates it in place), and nothing reaches the host until the loop
-is over.
+one of its stop tokens or `max_new_tokens` tokens are out. Params are arguments; the cache is
+made inside the program, so that XLA lays it out as the loop reads it (a cache passed in and
+returned, donated, keeps the default layout at the program's edges: XLA:TPU copied it into its
+own for the loop and back, 12.3 GiB more for gemma2_2b's 256 rows x 512 slots on one v5p
+chip). Nothing reaches the host until the loop is over.
 
 Layout. Prompts are left-padded to a bucketed length P, so every row's next token lands in the
 same cache slot (the model's scalar `cache_index`), positions count real tokens (padding is
@@ -133,8 +135,6 @@ class Sampler:
     cache_dtype: KV-cache dtype (default: the model's compute dtype, bf16 for real configs).
     top_p_method: "threshold" (exact nucleus without sorting the vocabulary), "radix" (an
       older no-sort formulation, slow to compile on GPU) or "sort".
-    reuse_cache: keep the KV cache buffer between calls of the same shape instead of
-      allocating a fresh zeroed one per call (saves the fill; holds the memory).
     decode_params: how `sample()` hands the params to the decode program (`prepare_params`).
       "gathered" (default): a copy with the weight matrices in the compute dtype (the model
       casts them to it before every matmul anyway, so samples are unchanged) laid out
@@ -153,10 +153,9 @@ class Sampler:
       (with prompt 256 and 256 new tokens, 4 segments read 81% of it on average) and reads
       it whole, in place (attending over a slice of a bigger cache made XLA copy the slice
       out every step: 1.4x slower on a CPU). Costs: each part compiles its own loop body;
-      the caches are built inside the program, up to two at once (the last two: up to twice
-      one whole cache); `reuse_cache` does not apply. On a CPU, 4 segments were no faster
-      than 1 (within noise on a cache-heavy shape), hence the default 1: the donated cache,
-      one loop. GPU and TPU unmeasured.
+      two caches live at once while one is copied into the next (the last two: up to twice
+      one whole cache). On a CPU, 4 segments were no faster than 1 (within noise on a
+      cache-heavy shape), hence the default 1. GPU and TPU unmeasured.
   """
 
   def __init__(self, model: Transformer, mesh: Optional[Mesh] = None, rules=None, *,
@@ -164,7 +163,7 @@ class Sampler:
                min_prompt_bucket: int = 16,
                prompt_length_buckets: Optional[Sequence[int]] = None,
                max_batch_rows: int = 512, cache_dtype: Any = None,
-               top_p_method: str = sampling.DEFAULT_TOP_P_METHOD, reuse_cache: bool = False,
+               top_p_method: str = sampling.DEFAULT_TOP_P_METHOD,
                decode_params: str = "gathered", decode_segments: int = 1):
     if isinstance(model, GemmaForSequenceClassification) or not isinstance(model, Transformer):
       raise TypeError(f"Sampler needs a causal LM (eva_jax.models.Transformer), got "
@@ -215,7 +214,6 @@ class Sampler:
     self.max_batch_rows = int(max_batch_rows)
     self.cache_dtype = jnp.dtype(cache_dtype or self.config.dtype)
     self.top_p_method = top_p_method
-    self.reuse_cache = reuse_cache
     self.decode_params = decode_params
     self.decode_segments = int(decode_segments)
     self.dp = parallel.data_parallel_size(self.mesh, self.rules)
@@ -223,14 +221,8 @@ class Sampler:
     self.compile_seconds: list[float] = []
     self.last_stats: list[dict] = []
     self._programs: dict[tuple, Any] = {}
-    self._zero_cache: dict[tuple, Any] = {}
-    self._kept_cache: dict[tuple, Any] = {}
     self._decode_abstract = None
     self._prepare_programs: dict[tuple, Any] = {}
-
-  def release(self) -> None:
-    """Drops KV caches kept by `reuse_cache` (e.g. before a train step needs the memory)."""
-    self._kept_cache.clear()
 
   # ---------------------------------------------------------------- decode params
 
@@ -373,22 +365,6 @@ class Sampler:
     return parallel.logical_shardings(cache_logical_axes(self.config), self.mesh, self.rules,
                                       shapes)
 
-  def _new_cache(self, rows: int, length: int):
-    key = (rows, length)
-    kept = self._kept_cache.pop(key, None)
-    if kept is not None:
-      return kept
-    if key not in self._zero_cache:
-      self._zero_cache[key] = jax.jit(
-          functools.partial(init_cache, self.config, rows, length, self.cache_dtype),
-          out_shardings=self.cache_shardings(rows, length))
-    return self._zero_cache[key]()
-
-  def input_cache_length(self, length: int, max_new_tokens: int) -> int:
-    """Slots of the cache the generation program takes (donated): the whole cache with one
-    decode loop; 0 with several, which build their growing caches inside the program."""
-    return length if len(self.segment_ends(max_new_tokens)) == 1 else 0
-
   def segment_ends(self, max_new_tokens: int) -> tuple[int, ...]:
     """The decode steps at which each part of the decode loop ends (see `decode_segments`):
     `max_new_tokens` cut into `decode_segments` equal parts, ends rounded up to multiples of
@@ -480,9 +456,7 @@ class Sampler:
     use_top_p = (not greedy) and top_p < 1.0
     top_k = None if greedy or top_k is None else int(top_k)
     rows, length = b * n, p_len + max_new
-    in_length = self.input_cache_length(length, max_new)
-    cache = self._new_cache(rows, in_length)
-    args = (params, cache, self._put(tokens), self._put(mask), self._put(index),
+    args = (params, self._put(tokens), self._put(mask), self._put(index),
             self._put(valid), self._put(stop_ids), self._put(np.int32(seed), batch=False),
             self._put(np.float32(temperature if not greedy else 1.0), batch=False),
             self._put(np.float32(top_p), batch=False))
@@ -494,16 +468,12 @@ class Sampler:
     compile_s = 0.0
     if key not in self._programs:
       start = time.perf_counter()
-      self._programs[key] = self._compile(args, statics, rows, length)
+      self._programs[key] = self._compile(args, statics)
       compile_s = time.perf_counter() - start
       self.num_compilations += 1
       self.compile_seconds.append(compile_s)
     start = time.perf_counter()
-    out, cache = self._programs[key](*args)
-    if self.reuse_cache and in_length == length:
-      self._kept_cache[(rows, length)] = cache
-    del cache
-    out = parallel.global_to_host(out)
+    out = parallel.global_to_host(self._programs[key](*args))
     self.last_stats.append(dict(batch=b, prompt_bucket=p_len, rows=rows, cache_length=length,
                                 decode_steps=int(out["steps"]) - 1, compile_s=compile_s,
                                 run_s=time.perf_counter() - start))
@@ -522,24 +492,37 @@ class Sampler:
 
   # ---------------------------------------------------------------- device side
 
-  def _compile(self, args, statics, rows, length):
+  def _compile(self, args, statics):
     batch = lambda ndim: parallel.batch_sharding(self.mesh, ndim, self.rules)
-    out_shardings = (
-        dict(tokens=batch(2), logprobs=batch(2), lengths=batch(1), stopped=batch(1),
-             steps=NamedSharding(self.mesh, P())),
-        self.cache_shardings(rows, length))
-    fn = jax.jit(functools.partial(self._generate, **statics), donate_argnums=(1,),
-                 out_shardings=out_shardings)
+    out_shardings = dict(tokens=batch(2), logprobs=batch(2), lengths=batch(1),
+                         stopped=batch(1), steps=NamedSharding(self.mesh, P()))
+    fn = jax.jit(functools.partial(self._generate, **statics), out_shardings=out_shardings)
     with parallel.with_mesh_rules(self.mesh, self.rules):
       return fn.lower(*args).compile()
 
-  def _generate(self, params, cache, tokens, prompt_mask, prompt_index, row_valid, stop_ids,
+  def compile_abstract(self, params, batch: int, prompt_len: int, *, num_samples: int,
+                       max_new_tokens: int, greedy: bool = False, top_k: Optional[int] = None,
+                       use_top_p: bool = True, num_stop: int = 4):
+    """The generation program compiled for `batch` prompts of bucket `prompt_len` without
+    running it: `params` may be abstract (`jax.ShapeDtypeStruct`s with shardings, in the
+    layout the program reads, `decode_layout`), and the mesh a topology's devices. For the
+    ahead-of-time checks (`eva_jax.aot`, `benchmarks/sampler.py --aot_compile_only`)."""
+    rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=parallel.batch_sharding(self.mesh, len(shape), self.rules))
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype,
+                                                sharding=NamedSharding(self.mesh, P()))
+    args = (params, rows((batch, prompt_len), jnp.int32), rows((batch, prompt_len), jnp.bool_),
+            rows((batch,), jnp.int32), rows((batch,), jnp.bool_),
+            rows((batch, num_stop), jnp.int32), scalar(jnp.int32), scalar(jnp.float32),
+            scalar(jnp.float32))
+    return self._compile(args, dict(num_samples=num_samples, max_new=max_new_tokens,
+                                    greedy=greedy, top_k=top_k, use_top_p=use_top_p))
+
+  def _generate(self, params, tokens, prompt_mask, prompt_index, row_valid, stop_ids,
                 seed, temperature, top_p, *, num_samples, max_new, greedy, top_k, use_top_p):
     """The whole generation as one traced program (see the module docstring).
 
     Args:
-      cache: the donated decode cache, {layer_i: {k, v: [B * n, P + max_new, K, H]}} (a
-        scanned model's: stacked, see `init_cache`).
       tokens / prompt_mask: int32 / bool [B, P], prompts left-padded.
       prompt_index: int32 [B], each row's index in the caller's prompt list (-1: dummy).
       row_valid: bool [B]; dummy rows start finished.
@@ -568,9 +551,8 @@ class Sampler:
     ends = self.segment_ends(max_new)
 
     def grown(small, width):
-      """A cache of `width` slots with `small`'s slots at its front: the donated cache with
-      one decode loop, new zeros with several (the program's input cache is then empty)."""
-      target = cache if len(ends) == 1 else init_cache(cfg, rows, width, self.cache_dtype)
+      """A cache of `width` slots, zeros with `small`'s slots at its front."""
+      target = init_cache(cfg, rows, width, self.cache_dtype)
       return jax.tree_util.tree_map(
           lambda big, part, s: jax.lax.with_sharding_constraint(
               jax.lax.dynamic_update_slice(big, part.astype(big.dtype), (0,) * big.ndim), s),
@@ -642,7 +624,6 @@ class Sampler:
       state = jax.lax.while_loop(functools.partial(cond, end=end),
                                  functools.partial(body, window=attention_mask[:, :width]),
                                  state)
-    step, out_cache, _, _, stopped, lengths, out_tokens, out_logprobs = state
-    out = dict(tokens=out_tokens, logprobs=out_logprobs, lengths=lengths, stopped=stopped,
-               steps=step)
-    return out, out_cache
+    step, _, _, _, stopped, lengths, out_tokens, out_logprobs = state
+    return dict(tokens=out_tokens, logprobs=out_logprobs, lengths=lengths, stopped=stopped,
+                steps=step)
