@@ -111,6 +111,11 @@ def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
   raise ValueError(f"{what} {size} exceeds the largest bucket {max(buckets)}.")
 
 
+# Stop-token slots a program takes at least (EOS, <end_of_turn>, ...), so that typical stop
+# lists share a program.
+_MIN_STOP_SLOTS = 4
+
+
 def _next_pow2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
 
@@ -436,8 +441,7 @@ class Sampler:
     cfg = self.config
     b = self._batch_bucket(len(prompts), chunk)
     p_len = pick_bucket(max(len(p) for p in prompts), self.prompt_buckets, "Prompt length")
-    # At least 4 stop slots (EOS, <end_of_turn>, ...) so that typical lists share a program.
-    n_stop = max(4, _next_pow2(max(len(s) for s in stops)))
+    n_stop = max(_MIN_STOP_SLOTS, _next_pow2(max(len(s) for s in stops)))
     tokens = np.full((b, p_len), cfg.pad_id, np.int32)
     mask = np.zeros((b, p_len), bool)
     index = np.full((b,), -1, np.int32)
@@ -502,19 +506,19 @@ class Sampler:
 
   def compile_abstract(self, params, batch: int, prompt_len: int, *, num_samples: int,
                        max_new_tokens: int, greedy: bool = False, top_k: Optional[int] = None,
-                       use_top_p: bool = True, num_stop: int = 4):
+                       use_top_p: bool = True, num_stop: int = _MIN_STOP_SLOTS):
     """The generation program compiled for `batch` prompts of bucket `prompt_len` without
     running it: `params` may be abstract (`jax.ShapeDtypeStruct`s with shardings, in the
     layout the program reads, `decode_layout`), and the mesh a topology's devices. For the
     ahead-of-time checks (`eva_jax.aot`, `benchmarks/sampler.py --aot_compile_only`)."""
-    rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+    batched = lambda shape, dtype: jax.ShapeDtypeStruct(
         shape, dtype, sharding=parallel.batch_sharding(self.mesh, len(shape), self.rules))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype,
                                                 sharding=NamedSharding(self.mesh, P()))
-    args = (params, rows((batch, prompt_len), jnp.int32), rows((batch, prompt_len), jnp.bool_),
-            rows((batch,), jnp.int32), rows((batch,), jnp.bool_),
-            rows((batch, num_stop), jnp.int32), scalar(jnp.int32), scalar(jnp.float32),
-            scalar(jnp.float32))
+    args = (params, batched((batch, prompt_len), jnp.int32),
+            batched((batch, prompt_len), jnp.bool_), batched((batch,), jnp.int32),
+            batched((batch,), jnp.bool_), batched((batch, num_stop), jnp.int32),
+            scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32))
     return self._compile(args, dict(num_samples=num_samples, max_new=max_new_tokens,
                                     greedy=greedy, top_k=top_k, use_top_p=use_top_p))
 
